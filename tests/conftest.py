@@ -1,0 +1,33 @@
+"""Shared fixtures. GPU tests skip cleanly where torch sees no CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def wat_module(text: str, name: str = "test.wasm", *, fuel: bool = False):
+    """A real guest compiled by Wasmtime from the text format."""
+    import wasmtime
+
+    from driftwood.runtime.module import GuestModule
+
+    return GuestModule.load(wasmtime.wat2wasm(text), name=name, fuel=fuel)
+
+
+def quiet():
+    """WASI options for a guest whose output we don't need."""
+    from driftwood.runtime.actor import WasiOptions
+
+    return WasiOptions(stdout=None, stderr=None)
+
+
+def vm_size() -> int:
+    """This process's virtual size in bytes (reservations count, resident or not)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
