@@ -39,3 +39,7 @@ class LimitExceeded(GuestError):
 
 class SnapshotError(DriftwoodError):
     """A snapshot is malformed, tampered with, or does not fit what it is restored into."""
+
+
+class UnsupportedModel(ModelError):
+    """A model file uses an architecture, tensor type or tokenizer the engine does not run."""

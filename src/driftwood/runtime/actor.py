@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +151,19 @@ class Actor:
             self.deadline = None
             self.store.set_epoch_deadline(_NO_DEADLINE)
 
+    def write_stdout(self, data: bytes) -> None:
+        """Write to the guest's stdout as configured (host-side streaming, e.g. wasi-nn)."""
+        target = self._stdout
+        if target == "inherit":
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        elif callable(target):
+            target(data)
+        elif target is not None:
+            with open(target, "ab") as f:
+                f.write(data)
+
     def check_deadline(self) -> None:
         """Host calls that run long (token loops) call this between steps."""
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -177,6 +191,7 @@ class Actor:
     # -- setup -----------------------------------------------------------------------------
 
     def _wasi(self, options: WasiOptions) -> None:
+        self._stdout = options.stdout
         config = wasmtime.WasiConfig()
         config.argv = [self.module.name, *options.args]
         config.env = list(options.env.items())

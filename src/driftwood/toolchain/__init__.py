@@ -34,11 +34,19 @@ def cache_dir() -> Path:
 
 @functools.cache
 def zig_version() -> str:
+    """The Zig version, remembered in the cache so a machine without Zig can use its guests."""
+    record = cache_dir() / "zig-version"
     try:
         out = subprocess.run([sys.executable, "-m", "ziglang", "version"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
+        if record.is_file():  # a prebuilt cache (e.g. carried to a GPU machine) still works
+            return record.read_text().strip()
         raise BuildError("the Zig toolchain is missing: pip install ziglang") from exc
-    return out.stdout.strip()
+    version = out.stdout.strip()
+    if not record.is_file() or record.read_text().strip() != version:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(version + "\n")
+    return version
 
 
 def _digest(source: Path, flags: Sequence[str], include_dirs: Sequence[Path]) -> str:
