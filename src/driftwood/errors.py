@@ -43,3 +43,7 @@ class SnapshotError(DriftwoodError):
 
 class UnsupportedModel(ModelError):
     """A model file uses an architecture, tensor type or tokenizer the engine does not run."""
+
+
+class ContextFull(ModelError):
+    """A session's KV cache has no room for the tokens asked of it."""

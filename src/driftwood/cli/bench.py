@@ -9,6 +9,8 @@ import importlib
 BENCHES = {
     "zerocopy": "driftwood.bench.zerocopy",
     "decode": "driftwood.bench.decode",
+    "boundary": "driftwood.bench.boundary",
+    "snapshot": "driftwood.bench.snapshot",
 }
 
 

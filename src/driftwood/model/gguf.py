@@ -69,10 +69,7 @@ class GGUFTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor as floats of ``dtype`` (float types of the same dtype share the map)."""
-        if self.qtype in FLOAT_TYPES:
-            flat = self.bytes_tensor().view(-1).view(_TORCH_FLOAT[self.qtype])
-            return flat.view(self.shape).to(dtype)
-        return unpack(self).dequantize(dtype).view(self.shape)
+        return dequantize_bytes(self.bytes_tensor(), self.qtype, self.shape[-1], dtype).view(self.shape)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -86,26 +83,38 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(t: GGUFTensor) -> Blocks:
-    """Unpack a quantized tensor's blocks (ggml-quants.c layouts) into codes and scales."""
+    """Unpack a quantized tensor's blocks into codes and scales (ggml-quants.c layouts)."""
     if t.qtype not in SUPPORTED_TYPES or t.qtype in FLOAT_TYPES:
         raise UnsupportedModel(f"cannot unpack {t.name}: type {t.qtype.name}")
-    block, size = GGML_QUANT_SIZES[t.qtype]
-    raw = t.bytes_tensor()
+    return unpack_bytes(t.bytes_tensor(), t.qtype, t.shape[-1])
+
+
+def dequantize_bytes(
+    raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(rows, bytes_per_row) uint8 rows of ``qtype`` -> (rows, cols) floats, on any device."""
+    if qtype in FLOAT_TYPES:
+        return raw.contiguous().view(_TORCH_FLOAT[qtype]).view(raw.shape[0], cols).to(dtype)
+    return unpack_bytes(raw, qtype, cols).dequantize(dtype)
+
+
+def unpack_bytes(raw: torch.Tensor, qtype: GGMLQuantizationType, cols: int) -> Blocks:
+    """Unpack ``raw`` (rows, bytes_per_row) uint8 blocks of ``qtype``, on any device."""
+    block, size = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
-    cols = t.shape[-1]
-    b = raw.view(rows, cols // block, size)  # (rows, blocks, bytes per block)
-    if t.qtype == Q.Q8_0:  # d:f16, q:int8[32]
+    b = raw.reshape(rows, cols // block, size)  # (rows, blocks, bytes per block)
+    if qtype == Q.Q8_0:  # d:f16, q:int8[32]
         q = b[..., 2:].contiguous().view(torch.int8)
         return Blocks(q.reshape(rows, cols), _f16(b[..., 0:2]), None, 32)
-    if t.qtype == Q.Q4_0:  # d:f16, qs[16]; w = d * (q - 8)
+    if qtype == Q.Q4_0:  # d:f16, qs[16]; w = d * (q - 8)
         d = _f16(b[..., 0:2])
         return Blocks(_nibbles(b[..., 2:]).reshape(rows, cols), d, -8.0 * d, 32)
-    if t.qtype == Q.Q4_1:  # d:f16, m:f16, qs[16]; w = d * q + m
+    if qtype == Q.Q4_1:  # d:f16, m:f16, qs[16]; w = d * q + m
         q = _nibbles(b[..., 4:]).reshape(rows, cols)
         return Blocks(q, _f16(b[..., 0:2]), _f16(b[..., 2:4]), 32)
-    if t.qtype == Q.Q4_K:  # d, dmin: f16; scales[12] (6-bit sc, m x 8); qs[128]
+    if qtype == Q.Q4_K:  # d, dmin: f16; scales[12] (6-bit sc, m x 8); qs[128]
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        s = b[..., 4:16].view(rows, -1, 3, 4)
+        s = b[..., 4:16].reshape(rows, -1, 3, 4)
         sd, sm, smd = s[..., 0, :], s[..., 1, :], s[..., 2, :]
         sc = torch.cat([sd & 0x3F, (smd & 0x0F) | ((sd >> 2) & 0x30)], dim=-1).to(torch.float32)
         mn = torch.cat([sm & 0x3F, (smd >> 4) | ((sm >> 2) & 0x30)], dim=-1).to(torch.float32)
@@ -113,16 +122,17 @@ def unpack(t: GGUFTensor) -> Blocks:
         scale = (d[..., None] * sc).reshape(rows, -1)
         offset = -(dmin[..., None] * mn).reshape(rows, -1)
         return Blocks(q.reshape(rows, cols), scale, offset, 32)
-    if t.qtype == Q.Q6_K:  # ql[128], qh[64], scales:int8[16], d:f16; 16 groups of 16
+    if qtype == Q.Q6_K:  # ql[128], qh[64], scales:int8[16], d:f16; 16 groups of 16
         ql = b[..., :128].reshape(rows, -1, 2, 64)
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
         lo = torch.cat([ql & 0x0F, ql >> 4], dim=-1).reshape(rows, -1, 2, 4, 32)
-        hi = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 0x03
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=raw.device).view(4, 1)
+        hi = (qh >> shifts) & 0x03
         q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(rows, cols)
         sc = b[..., 192:208].contiguous().view(torch.int8).to(torch.float32)
         scale = (_f16(b[..., 208:210])[..., None] * sc).reshape(rows, -1)
         return Blocks(q, scale, None, 16)
-    raise AssertionError(t.qtype)
+    raise UnsupportedModel(f"cannot unpack type {qtype.name}")
 
 
 class _Reader(GGUFReader):

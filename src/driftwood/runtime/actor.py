@@ -8,10 +8,12 @@ share engines and models, never memories or sessions.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from driftwood.errors import GuestError, GuestTrap, LimitExceeded
 from driftwood.memory.backends import Backend, get_backend
 from driftwood.memory.creator import CREATOR, InstantiationSettings
 from driftwood.runtime.engine import ticks
-from driftwood.runtime.hostcall import GuestMemory, HostModule
+from driftwood.runtime.hostcall import GuestMemory, HostModule, take_pending_exception
 from driftwood.runtime.module import GuestModule
 
 if TYPE_CHECKING:
@@ -31,6 +33,15 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 _NO_DEADLINE = 1 << 62
+# Stores still open at interpreter exit are closed first: dropping one during finalization
+# can run WASI output callbacks on Wasmtime's threads after Python is gone (an abort).
+_live: weakref.WeakSet[Actor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_actors() -> None:
+    for actor in list(_live):
+        actor.close()
 
 
 class DeadlineExceeded(Exception):
@@ -87,6 +98,8 @@ class Actor:
         self.store = wasmtime.Store(module.engine)
         self.store.set_limits(memory_size=self.limits.max_memory)
         self.store.set_epoch_deadline(_NO_DEADLINE)
+        if self.limits.fuel is not None:
+            self.store.set_fuel(self.limits.fuel)  # instantiation (start functions) burns fuel too
         self.deadline: float | None = None
         self._wasi(wasi or WasiOptions())
         self.hosts = [make(self) for make in host_modules]
@@ -103,6 +116,7 @@ class Actor:
             except wasmtime.Trap as exc:
                 raise _trap_error(exc, self) from exc
         self.exports = self.instance.exports(self.store)
+        _live.add(self)
         memory = self.exports.get("memory")
         self.arena: Arena | None = None
         self.memory: GuestMemory | None = None
@@ -138,7 +152,13 @@ class Actor:
             self.deadline = time.monotonic() + self.limits.timeout
             self.store.set_epoch_deadline(ticks(self.limits.timeout))
         try:
-            return func(self.store, *args)
+            try:
+                return func(self.store, *args)
+            except wasmtime.Trap:
+                pending = take_pending_exception()  # a host function trapped the guest
+                if pending is not None:
+                    raise pending from None
+                raise
         except wasmtime.ExitTrap:
             raise
         except wasmtime.Trap as trap:
@@ -171,6 +191,7 @@ class Actor:
 
     def close(self) -> None:
         """Drop the store: Wasmtime then releases the arena (and its device registration)."""
+        _live.discard(self)
         for host in self.hosts:
             close = getattr(host, "close", None)
             if close:
@@ -238,8 +259,26 @@ def _trap_error(trap: wasmtime.Trap, actor: Actor) -> GuestError:
         return LimitExceeded(f"{name} ran out of fuel ({actor.limits.fuel} units)")
     if code == wasmtime.TrapCode.INTERRUPT:
         return LimitExceeded(f"{name} exceeded its time limit of {actor.limits.timeout:g} s")
+    return GuestTrap(f"{name} trapped: {_trap_reason(trap)}", _backtrace(trap))
+
+
+def _trap_reason(trap: wasmtime.Trap) -> str:
+    """One line: Wasmtime's 'wasm trap: ...' cause, with the detail before it if any."""
+    text = trap.message
+    causes = text.split("Caused by:", 1)[1] if "Caused by:" in text else ""
+    lines = [ln.strip().split(":", 1)[1].strip() if ln.strip()[:1].isdigit() else ln.strip()
+             for ln in causes.splitlines() if ln.strip()]
+    reason = next((ln.removeprefix("wasm trap: ") for ln in reversed(lines) if ln.startswith("wasm trap:")), None)
+    detail = [ln for ln in lines if not ln.startswith("wasm trap:")]
+    if reason is None:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        reason = str(trap.trap_code.name).lower().replace("_", " ") if trap.trap_code else first or "trap"
+    return f"{reason} ({'; '.join(detail)})" if detail else reason
+
+
+def _backtrace(trap: wasmtime.Trap) -> str:
     frames = []
-    for frame in trap.frames:
-        frames.append(f"  {frame.module_name or '?'}!{frame.func_name or f'func[{frame.func_index}]'}")
-    message = trap.message.strip().splitlines()[0] if trap.message.strip() else "trap"
-    return GuestTrap(f"{name} trapped: {message}", "\n".join(frames))
+    for i, frame in enumerate(trap.frames):
+        where = frame.func_name or f"wasm function {frame.func_index}"
+        frames.append(f"  {i}: {frame.module_name or '<module>'}!{where} at offset {frame.module_offset:#x}")
+    return "\n".join(frames)

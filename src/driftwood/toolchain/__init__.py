@@ -1,7 +1,8 @@
 """Building C guests to wasm32-wasi with the Zig toolchain from the ``ziglang`` package.
 
 ``build(source, output)`` compiles with ``python -m ziglang cc --target=wasm32-wasi``, adding
-the guest SDK's include folder. Results are cached by a digest of the compiler version, the
+the guest SDK's include folder and any flags the source names on a ``driftwood-build-flags:``
+line (e.g. ``-mexec-model=reactor`` for a guest the host calls into). Results are cached by a digest of the compiler version, the
 flags, the source and every header it may include, so a rebuild is a file copy. No system
 clang is needed.
 """
@@ -49,6 +50,17 @@ def zig_version() -> str:
     return version
 
 
+def source_flags(source: Path) -> list[str]:
+    """Flags a source asks for itself, on a line ``driftwood-build-flags: ...`` near its top."""
+    with open(source, errors="replace") as f:
+        head = [next(f, "") for _ in range(40)]
+    for line in head:
+        _, marker, rest = line.partition("driftwood-build-flags:")
+        if marker:
+            return rest.replace("*/", "").split()
+    return []
+
+
 def _digest(source: Path, flags: Sequence[str], include_dirs: Sequence[Path]) -> str:
     h = hashlib.sha256()
     h.update(zig_version().encode())
@@ -74,7 +86,7 @@ def build(
     if not src.is_file():
         raise BuildError(f"no such guest source: {src}")
     includes = [SDK_INCLUDE, *(Path(d) for d in include_dirs)]
-    all_flags = [*DEFAULT_FLAGS, *flags]
+    all_flags = [*DEFAULT_FLAGS, *source_flags(src), *flags]
     key = _digest(src, all_flags, includes)
     cached = cache_dir() / f"{src.stem}-{key[:20]}.wasm"
     out = Path(output) if output is not None else cached

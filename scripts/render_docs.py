@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Render benchmark tables into the docs from committed JSON results.
+
+Docs mark generated regions with ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->``; each
+region is replaced by the table that ``RENDERERS[NAME]`` makes from the newest result per
+device in ``benchmarks/results/``. Run after committing new results:
+
+    python scripts/render_docs.py          # rewrite docs in place
+    python scripts/render_docs.py --check  # exit 1 if a doc is out of date (tests use this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+REGION = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+
+
+def latest(bench: str) -> list[dict[str, Any]]:
+    """The newest result of ``bench`` for each device kind (cpu, cuda), oldest device first."""
+    newest: dict[str, dict[str, Any]] = {}
+    for path in sorted(RESULTS.glob(f"{bench}-*.json")):
+        data = json.loads(path.read_text())
+        env = data["environment"]
+        kind = env["device"].split(":")[0]
+        data["_file"] = path.relative_to(ROOT).as_posix()
+        if kind not in newest or env["date"] >= newest[kind]["environment"]["date"]:
+            newest[kind] = data
+    return [newest[k] for k in sorted(newest)]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def source_line(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    return (f"*{env['device_name']}, {env['date'][:10]}: `{env['command']}` "
+            f"(torch {env['torch']}; [{Path(data['_file']).name}](../{data['_file']}))*")
+
+
+def num(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def render_zerocopy(results: list[dict[str, Any]]) -> str:
+    out = []
+    for data in results:
+        rows = []
+        for p in data["paths"]:
+            rows.append([
+                p["path"], num(p["rss_delta_mib"], 3), num(p["device_delta_mib"], 2),
+                num(p.get("torch_alloc_delta_mib"), 2), "yes" if p["same_address"] else "no",
+                num(p["gemm_us"], 1),
+            ])
+        ident = data["pointer_identity"]
+        guest = data["gemm_guest"]
+        out.append(table(["path", "RSS Δ MiB", "device Δ MiB (driver)", "torch alloc Δ MiB",
+                          "same address", f"GEMM {data['gemm_size']}² µs"], rows))
+        out.append(f"\nPointer identity: **{str(ident['identical']).lower()}** (guest base "
+                   f"`{ident['guest_base']}`, accelerator `{ident['accelerator_address']}`); GEMM guest: "
+                   f"**{guest['errors']} errors of {guest['elements']:,}**.\n")
+        out.append(source_line(data) + "\n")
+    return "\n".join(out)
+
+
+RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "zerocopy": render_zerocopy,
+}
+
+
+def render(text: str) -> str:
+    def replace(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise SystemExit(f"render_docs: no renderer for bench:{name}")
+        results = latest(name)
+        body = RENDERERS[name](results) if results else "*No committed results yet.*\n"
+        return m.group(1) + body.rstrip("\n") + "\n" + m.group(4)
+
+    return REGION.sub(replace, text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only check that the docs are up to date")
+    args = p.parse_args()
+    stale = []
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(doc.relative_to(ROOT).as_posix())
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("render_docs: out of date: " + ", ".join(stale) + " (run python scripts/render_docs.py)")
+        return 1
+    if not args.check:
+        print("render_docs: " + (", ".join(stale) if stale else "nothing changed"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
