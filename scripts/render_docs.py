@@ -77,8 +77,40 @@ def render_zerocopy(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_snapshot(results: list[dict[str, Any]]) -> str:
+    out = []
+    for data in results:
+        m = data["model"]
+        rows = []
+        for r in data["rows"]:
+            rows.append([
+                f"{r['tokens']:,}", num(r["save_ms"], 1), num(r["restore_dir_ms"], 2), num(r["restore_mem_ms"], 2),
+                num(r["engine_copy_ms"], 2), f"{r['bytes'] / 1e6:,.1f}", num(r["recompute_ms"], 0),
+                f"{r['speedup_dir']:,.0f}×", f"{r['speedup_mem']:,.0f}×", num(r["bandwidth_ms"], 2),
+                f"{r['dir_vs_bandwidth']:.2f}", f"{r['mem_vs_bandwidth']:.2f}", f"{r['engine_copy_vs_bandwidth']:.2f}",
+                "yes" if r["exact"] else "**no**",
+            ])
+        out.append(f"**{m['file']}** ({m['dtype']}, {m['kv_bytes_per_token']:,} bytes of KV per token; "
+                   f"bandwidth: {data['bandwidth']['what']}):\n")
+        out.append(table(["tokens", "save ms", "restore dir ms", "restore mem ms", "engine copy ms", "MB",
+                          "recompute ms", "speedup dir", "speedup mem", "bytes÷bw ms", "dir ÷ (bytes÷bw)",
+                          "mem ÷ (bytes÷bw)", "copy ÷ (bytes÷bw)", "exact"], rows))
+        inc = [[f"{i['tokens']:,}", str(i["new_tokens"]), num(i["save_ms"], 1), f"{i['bytes_written']:,}",
+                str(i["objects_written"]), str(i["chunks_reused"])] for i in data["incremental"]]
+        out.append("\nSaving again after new tokens (only the new chunk, the logits and the manifest):\n")
+        out.append(table(["on top of", "new tokens", "save ms", "bytes written", "objects written",
+                          "chunks reused"], inc))
+        load = data.get("load_average", {}).get("start")
+        if load:
+            out.append(f"\nLoad average when it started: {load[0]:.2f} on {data['environment']['cpu_count']} cores "
+                       "(a machine shared with other jobs).")
+        out.append("\n" + source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "zerocopy": render_zerocopy,
+    "snapshot": render_snapshot,
 }
 
 

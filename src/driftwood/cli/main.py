@@ -16,7 +16,7 @@ from driftwood import __version__
 from driftwood.errors import DriftwoodError
 
 # Subcommand modules; each has register(subparsers) that sets `func` on its parser.
-COMMANDS = ["build", "demo", "generate", "run", "snapshot", "bench"]
+COMMANDS = ["build", "demo", "generate", "run", "resume", "snapshot", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from driftwood.errors import DriftwoodError, GuestTrap
 
 if TYPE_CHECKING:
     from driftwood.runtime import ActorSpec
+    from driftwood.runtime.module import GuestModule
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +65,8 @@ def guest_path(name: str) -> Path:
     return toolchain.build_example(name)
 
 
-def actor_spec(args: argparse.Namespace, guest_args: list[str]) -> ActorSpec:
+def actor_spec(args: argparse.Namespace, guest_args: list[str], module: GuestModule | None = None) -> ActorSpec:
+    """The actor the options describe; ``module``, when given, instead of ``args.guest``."""
     from driftwood.runtime import ActorSpec
     from driftwood.runtime.actor import Limits, MiB, WasiOptions
     from driftwood.runtime.models import ModelPool, Preload
@@ -87,8 +89,8 @@ def actor_spec(args: argparse.Namespace, guest_args: list[str]) -> ActorSpec:
         if not sep or not host or not guest:
             raise DriftwoodError(f"--dir {item!r}: expected HOST::GUEST")
         dirs.append((host, guest))
-    path = guest_path(args.guest)
-    module = GuestModule.load(path, fuel=args.fuel is not None)
+    if module is None:
+        module = GuestModule.load(guest_path(args.guest), fuel=args.fuel is not None)
     limits = Limits(max_memory=args.max_memory * MiB, fuel=args.fuel, timeout=args.timeout)
     wasi = WasiOptions(args=guest_args, env=env, stdin="inherit", dirs=dirs)
     return ActorSpec(module=module, pool=pool, device=device, limits=limits, wasi=wasi)

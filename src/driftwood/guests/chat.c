@@ -7,7 +7,8 @@
  * is the host's. Each turn appends only what the session does not already hold.
  *
  * usage: chat.wasm [--system TEXT] [--max-tokens N] [--temperature T] [--seed S] [--model NAME]
- * A line "/snapshot" asks the host to snapshot the actor; "/reset" starts over.
+ * A line "/snapshot" asks the host to snapshot the actor; "/reset" starts over. Resumed from a
+ * snapshot (`driftwood resume`), main runs again with `state` restored and carries on.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -165,6 +166,12 @@ int main(int argc, char **argv) {
         start(model, system, seed);
         if (state.session < 0) return fail("session_open", state.session);
     }
+    /* A snapshot captures stdio's state with the rest of memory: keep stdin unbuffered so that
+     * no input read ahead of the conversation is in it, and forget an old EOF on resume. */
+    if (dw_resumed())
+        clearerr(stdin);
+    else
+        setvbuf(stdin, NULL, _IONBF, 0);
     static char line[MAX_LINE];
     while (fgets(line, sizeof line, stdin)) {
         size_t n = strlen(line);

@@ -96,6 +96,7 @@ class Model:
         self.dtype = dtype
         self.weights = weights
         self.decode_fn = transformer.hidden  # replaced by a compiled step when asked for
+        self.compiled = False
 
     @property
     def default_capacity(self) -> int:
@@ -198,7 +199,7 @@ class Session:
         """Keys and values of tokens ``[start, end)``: ``{"k": ..., "v": ...}``, each
         (n_layers, n_kv_heads, end - start, head_dim) in the compute dtype, on the model's
         device. They are views into the live cache (see docs/kv-cache.md): copy them before
-        the session is reset, restored or closed."""
+        the session is reset, truncated below ``end``, restored or closed."""
         cache = self._cache()
         end = self.position if end is None else end
         if not 0 <= start <= end <= self.position:
@@ -209,15 +210,16 @@ class Session:
         self, tokens: list[int], tensors: dict[str, torch.Tensor], rng_state: bytes | None = None
     ) -> None:
         """Replace this session's contents with ``tokens`` and their cached keys and values
-        (as :meth:`kv_state` returns them, from any device); optionally the RNG state too."""
+        (as :meth:`kv_state` returns them, from any device, in the model's dtype); optionally
+        the RNG state too. The restored session continues exactly as the original would."""
         cache = self._cache()
         c = self.model.config
         shape = (c.n_layers, c.n_kv_heads, len(tokens), c.head_dim)
         for name in ("k", "v"):
             t = tensors.get(name)
-            if t is None or tuple(t.shape) != shape:
-                got = None if t is None else tuple(t.shape)
-                raise SnapshotError(f"KV state {name!r} has shape {got}, expected {shape}")
+            if t is None or tuple(t.shape) != shape or t.dtype != self.model.dtype:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise SnapshotError(f"KV state {name!r} is {got}, expected {shape} {self.model.dtype}")
         if len(tokens) > self.capacity:
             raise SnapshotError(f"{len(tokens)} tokens exceed the session's capacity {self.capacity}")
         cache.k[:, 0, :, : len(tokens)].copy_(tensors["k"])
@@ -226,6 +228,25 @@ class Session:
         self.tokens = list(tokens)
         if rng_state is not None:
             self.set_rng_state(rng_state)
+
+    def adopt_kv(self, tokens: list[int], rng_state: bytes | None = None) -> None:
+        """Like :meth:`load_kv_state` when the keys and values of ``tokens`` were already
+        written into this session's cache in place (a snapshot restore reading straight into
+        ``cache.k[l]`` / ``cache.v[l]``): no second copy. The caller vouches for the bytes."""
+        cache = self._cache()
+        if len(tokens) > self.capacity:
+            raise SnapshotError(f"{len(tokens)} tokens exceed the session's capacity {self.capacity}")
+        cache.offset = len(tokens)
+        self.tokens = list(tokens)
+        if rng_state is not None:
+            self.set_rng_state(rng_state)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens (their keys and values stay cached); forget the rest."""
+        if not 0 <= n <= self.position:
+            raise IndexError(f"cannot truncate {self.position} tokens to {n}")
+        self._cache().offset = n
+        self.tokens = self.tokens[:n]
 
     def reset(self) -> None:
         """Forget every token (the cache memory is kept)."""
@@ -271,7 +292,7 @@ def load_model(
         tokenizer = Tokenizer.from_gguf(gguf.metadata)
         identity = file_identity(gguf, config)
         with tqdm(total=config.n_layers + 1, desc=f"loading {path.name}", unit="layer",
-                  file=sys.stderr, disable=not progress, leave=False) as bar:
+                  file=sys.stderr, disable=None if progress else True, leave=False) as bar:
             transformer = Transformer.from_gguf(
                 config, gguf.tensors, dtype=dt, device=dev, weights=weights, progress=bar.update
             )

@@ -138,7 +138,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, dim)
         cos, sin = rope_angles(pos, self.inv_freq, x.dtype)
-        causal = B == 1 and T == end  # a fresh single sequence: positions 0..T-1
+        causal = B == 1 and end == T  # a fresh single sequence: positions 0..T-1
         mask = None if causal or (B == 1 and T == 1) else attention_mask(pos, end)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, cache, end, mask, causal and T > 1)

@@ -53,7 +53,7 @@ def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``p``."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     drop = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already >= p
     drop[0] = False

@@ -105,11 +105,11 @@ class Tokenizer:
         backend.pre_tokenizer = make_pre()
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True) if k == CONTROL]
         )
         backend.add_tokens(
             [AddedToken(t, special=False, normalized=False)
-             for t, k in zip(tokens, types) if k == USER_DEFINED]
+             for t, k in zip(tokens, types, strict=True) if k == USER_DEFINED]
         )
 
         def token_id(key: str) -> int | None:
@@ -118,7 +118,7 @@ class Tokenizer:
 
         bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
         stops = {i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
-        stops |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in _EOG_NAMES}
+        stops |= {i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL and t in _EOG_NAMES}
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", bos_default)) and bos is not None
         return cls(
             backend,
@@ -154,17 +154,16 @@ class Tokenizer:
     def detokenizer(self, *, skip_special: bool = True) -> Detokenizer:
         return Detokenizer(self, skip_special=skip_special)
 
-    def apply_chat_template(
+    def chat_prompt(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
         **kwargs: Any,
-    ) -> list[int]:
-        """Render ``messages`` with the file's chat template and tokenize the result (special
-        tokens parsed; no BOS added beyond what the template writes)."""
+    ) -> str:
+        """``messages`` rendered with the file's chat template, as prompt text."""
         from driftwood.model.chat import render_chat
 
         if not self.chat_template:
             raise ModelError("this model has no chat template (tokenizer.chat_template)")
-        text = render_chat(
+        return render_chat(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
@@ -172,6 +171,14 @@ class Tokenizer:
             eos_token=self.token(self.eos_id) if self.eos_id is not None else "",
             **kwargs,
         )
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of :meth:`chat_prompt` (special tokens parsed; no BOS beyond what the
+        template writes)."""
+        text = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_bos=False)
 
 

@@ -154,7 +154,7 @@ class Actor:
         try:
             try:
                 return func(self.store, *args)
-            except wasmtime.Trap:
+            except (wasmtime.Trap, wasmtime.WasmtimeError):  # a host trap may surface as either
                 pending = take_pending_exception()  # a host function trapped the guest
                 if pending is not None:
                     raise pending from None

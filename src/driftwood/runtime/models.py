@@ -111,6 +111,15 @@ class Handles(Generic[T]):
         self._items[handle] = item
         self._next = max(self._next, handle + 1)
 
+    @property
+    def next_handle(self) -> int:
+        """The handle the next :meth:`add` returns."""
+        return self._next
+
+    def skip_to(self, handle: int) -> None:
+        """Never hand out handles below ``handle`` (restoring a snapshot)."""
+        self._next = max(self._next, handle)
+
     def get(self, handle: int) -> T | None:
         return self._items.get(handle)
 

@@ -132,13 +132,30 @@ int32_t dw_generate(int32_t session, const dw_sampling_t *params);
 
 /* ---- Snapshots ----------------------------------------------------------------------- */
 
-/* Ask the host to snapshot this whole actor (memory and sessions) now; only when the
- * actor runs with a snapshot directory. Returns 0, or DW_ESNAPSHOT. */
+/* Ask the host to snapshot this whole actor now: linear memory, exported mutable globals and
+ * every open session (tokens, KV cache, logits, RNG); only when the actor runs with a snapshot
+ * directory. The call stack is not captured: a resumed actor starts again at _start (main)
+ * with its memory as it was here, and finds its state there (dw_resumed() returns 1). Libc's
+ * state is restored too: a guest reading stdin should keep it unbuffered and clearerr() it on
+ * resume. Returns 0, or DW_ESNAPSHOT. */
 DW_IMPORT("snapshot")
 int32_t dw_snapshot(void);
 
 /* 1 if this run resumed from a snapshot, else 0. */
 DW_IMPORT("resumed")
 int32_t dw_resumed(void);
+
+/* Save one session (tokens, KV cache, logits, RNG) in this actor's snapshot store as `name`
+ * (1-64 bytes: letters, digits and "._-", starting with a letter or digit). Saving the same
+ * name again replaces it and writes only the KV chunks that changed. Returns 0, or
+ * DW_ESNAPSHOT (also when the actor runs without a snapshot directory). */
+DW_IMPORT("session_save")
+int32_t dw_session_save(int32_t session, const char *name, uint32_t name_len);
+
+/* Open a new session holding the session saved as `name` (by this actor, in this run or an
+ * earlier one on the same snapshot directory). Returns its handle, or DW_ESNAPSHOT when there
+ * is no such snapshot or it does not fit the model. */
+DW_IMPORT("session_load")
+int32_t dw_session_load(const char *name, uint32_t name_len);
 
 #endif /* DRIFTWOOD_H */

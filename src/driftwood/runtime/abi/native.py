@@ -92,6 +92,7 @@ class NativeABI(HostModule):
         self.last_gemm: GemmRecord | None = None
         self.resumed = False
         self.snapshot_hook: Any = None  # set by the snapshot layer: callable(actor) -> None
+        self.session_snapshots: Any = None  # set by the snapshot layer: .save/.load/.rewound
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -171,6 +172,7 @@ class NativeABI(HostModule):
     def session_reset(self, handle: int) -> int:
         entry = self.entry(handle)
         entry.session.reset()
+        self._rewound(entry, 0)
         entry.logits = None
         entry.stream = entry.model.tokenizer.detokenizer()
         entry.pending = b""
@@ -183,6 +185,7 @@ class NativeABI(HostModule):
             raise GuestFault(DW_EINVAL, f"cannot truncate {entry.session.position} tokens to {n}")
         if n < entry.session.position:
             entry.session.truncate(n)
+            self._rewound(entry, n)
             entry.logits = None
         return n
 
@@ -306,6 +309,56 @@ class NativeABI(HostModule):
     @export("resumed", "")
     def resumed_(self) -> int:
         return int(self.resumed)
+
+    @export("session_save", "i32 ptr u32")
+    def session_save(self, handle: int, name_ptr: int, name_len: int) -> int:
+        entry = self.entry(handle)
+        name = self._snapshot_name(name_ptr, name_len)
+        try:
+            self.session_snapshots.save(self, handle, entry, name)
+        except DriftwoodError as exc:
+            raise GuestFault(DW_ESNAPSHOT, str(exc)) from exc
+        return 0
+
+    @export("session_load", "ptr u32")
+    def session_load(self, name_ptr: int, name_len: int) -> int:
+        name = self._snapshot_name(name_ptr, name_len)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise GuestFault(DW_ELIMIT, f"at most {self.limits.max_sessions} open sessions")
+        try:
+            return int(self.session_snapshots.load(self, name))
+        except GuestFault:
+            raise
+        except DriftwoodError as exc:
+            raise GuestFault(DW_ESNAPSHOT, str(exc)) from exc
+
+    def adopt(self, handle: int | None, name: str, model: Model, session: Session,
+              logits: torch.Tensor | None) -> int:
+        """Give the guest a restored session: under ``handle`` (restoring a whole actor), or
+        under a new handle (None). Returns the handle."""
+        entry = _Entry(name, model, session)
+        entry.logits = logits
+        if handle is None:
+            return self.sessions.add(entry)
+        self.sessions.put(handle, entry)
+        return handle
+
+    def _snapshot_name(self, ptr: int, n: int) -> str:
+        if self.session_snapshots is None:
+            raise GuestFault(DW_ESNAPSHOT, "this actor runs without a snapshot directory")
+        if not 0 < n <= 64:
+            raise GuestFault(DW_EINVAL, "a snapshot name has 1 to 64 bytes")
+        name = self.mem.read_str(ptr, n)
+        if not (name[0].isascii() and name[0].isalnum()) or not all(
+                c.isascii() and (c.isalnum() or c in "._-") for c in name):
+            raise GuestFault(DW_EINVAL, "a snapshot name is letters, digits and '._-', starting alphanumeric")
+        return name
+
+    def _rewound(self, entry: _Entry, position: int) -> None:
+        """Keys and values from ``position`` on will be recomputed: tell the snapshot layer,
+        so that its next save stores them instead of reusing chunks saved before."""
+        if self.session_snapshots is not None:
+            self.session_snapshots.rewound(entry.session, position)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ MAX_PROMPT_BYTES = 1 << 20  # far beyond any context the engine allocates
 MAX_NAME_BYTES = 4096
 MAX_BUILDERS = 16
 MAX_MODEL_BYTES = 1 << 30  # raw GGUF bytes a guest may hand to `load`
-PREFILL_CHUNK = 256  # tokens per prefill step: the deadline is checked between steps
+MAX_KV_BYTES = 2 << 30  # KV cache memory of all of an actor's contexts together
+PREFILL_CHUNK = 128  # tokens per prefill step: the deadline is checked between steps
 LLAMA_BUILD_NUMBER = 0  # output-1 JSON fields WasmEdge fills from llama.cpp
 LLAMA_COMMIT = "driftwood"
 
@@ -97,12 +98,13 @@ class ExecutionContext:
     """One wasi-nn execution context: its own engine session, prompt and output.
 
     A generation is the engine's token generator (:func:`generate_tokens`) driven one token
-    per step: ``begin`` is WasmEdge's clearContext + evaluateInput, ``accept`` its
-    sampleOutput checks (reverse prompt, end-of-generation, full context, in that order).
+    per step: ``begin`` is WasmEdge's clearContext + evaluateInput, ``step`` its sampleOutput
+    checks (reverse prompt, end-of-generation, full context, in that order).
     """
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, kv_budget: Callable[[ExecutionContext, int], None]) -> None:
         self.graph = graph
+        self._kv_budget = kv_budget  # raises GuestFault if a session of this many tokens does not fit
         self.options = replace(graph.defaults)
         self.session: Session | None = None
         self.inputs: list[int] | None = None  # prompt tokens from set_input(0)
@@ -122,6 +124,7 @@ class ExecutionContext:
             self.session.close()
             self.session = None
         if self.session is None:
+            self._kv_budget(self, want)
             seed = self.graph.options.seed
             self.session = model.new_session(capacity=want, seed=None if seed == RANDOM_SEED else seed)
         return self.session
@@ -229,14 +232,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _rewind(session: Session, n: int) -> None:
-    """Keep the session's first ``n`` tokens; later cache entries are simply overwritten.
-    (The engine's Session has reset() but no truncate(); this is that, from outside.)"""
+    """Keep the session's first ``n`` tokens (their cached keys and values stay valid)."""
     if n == 0:
         session.reset()
     elif n < session.position:
-        del session.tokens[n:]
-        if session.cache is not None:
-            session.cache.offset = n
+        session.truncate(n)
 
 
 def _sampling(o: GraphOptions, capacity: int) -> SamplingParams:
@@ -263,11 +263,12 @@ class WasiNN(HostModule):
     propagate = (DeadlineExceeded,)
 
     def __init__(self, actor: Actor, pool: ModelPool, *, max_model_bytes: int = MAX_MODEL_BYTES,
-                 max_handles: int = MAX_HANDLES) -> None:
+                 max_kv_bytes: int = MAX_KV_BYTES, max_handles: int = MAX_HANDLES) -> None:
         super().__init__()
         self.actor = actor
         self.pool = pool
         self.max_model_bytes = max_model_bytes
+        self.max_kv_bytes = max_kv_bytes
         self.graphs: Handles[Graph] = Handles(first=0, limit=max_handles)
         self.contexts: Handles[ExecutionContext] = Handles(first=0, limit=max_handles)
         self.by_name: dict[str, int] = {}  # load_by_name's cache: name -> graph handle
@@ -287,6 +288,20 @@ class WasiNN(HostModule):
         if self.memory is None:
             raise GuestFault(MISSING_MEMORY, "the guest exports no memory")
         return self.memory
+
+    def _kv_budget(self, ctx: ExecutionContext, capacity: int) -> None:
+        """Refuse (7) a session whose KV cache would take the actor past ``max_kv_bytes``."""
+
+        def kv_bytes(model: Model, tokens: int) -> int:
+            c = model.config
+            return 2 * c.n_layers * c.n_kv_heads * c.head_dim * tokens * model.dtype.itemsize
+
+        held = sum(kv_bytes(c.graph.model, c.session.capacity) for _, c in self.contexts.items()
+                   if c.session is not None and c is not ctx)
+        want = kv_bytes(ctx.graph.model, capacity)
+        if held + want > self.max_kv_bytes:
+            raise GuestFault(TOO_LARGE, f"a {capacity}-token KV cache ({want >> 20} MiB) does not fit in this "
+                                        f"actor's {self.max_kv_bytes >> 20} MiB ({held >> 20} MiB in use)")
 
     def _read_json(self, ptr: int, size: int) -> bytes:
         self.guest.check(ptr, size)
@@ -338,12 +353,19 @@ class WasiNN(HostModule):
             raise GuestFault(INVALID_ARGUMENT, f"model {name!r} does not load: {exc}") from None
 
     def _preload_name(self, path: str) -> str:
-        """The registered name whose spec is ``path``: guests may not open other host files."""
+        """The registered name whose model file is ``path``: a guest may not open other files."""
+        from driftwood.model.registry import resolve
+
         real = os.path.realpath(path)
         for name in self.pool.names():
             spec = self.pool.spec(name)
-            if spec == path or os.path.realpath(os.path.expanduser(spec)) == real:
+            if spec == path:
                 return name
+            try:
+                if os.path.realpath(resolve(spec)) == real:
+                    return name
+            except ModelError:
+                continue
         raise GuestFault(MODEL_NOT_FOUND, f"preload:{path} is not a model this host registered")
 
     def _load_bytes(self, offset: int, size: int) -> tuple[Model, Path]:
@@ -360,7 +382,7 @@ class WasiNN(HostModule):
             with os.fdopen(fd, "wb") as f:
                 f.write(self.guest.arena.buffer(offset, size) if size else b"")
             return load_model(str(path), device=self.pool.device, dtype=self.pool.dtype, progress=False), path
-        except ModelError as exc:
+        except Exception as exc:  # the parser met guest-made bytes: any failure is the guest's
             path.unlink(missing_ok=True)
             raise GuestFault(INVALID_ARGUMENT, f"the GGUF bytes do not load: {exc}") from None
         except BaseException:
@@ -444,7 +466,7 @@ class WasiNN(HostModule):
         if not graph.live:
             raise GuestFault(INVALID_ARGUMENT, f"graph {graph_handle} was unloaded")
         try:
-            handle = self.contexts.add(ExecutionContext(graph))
+            handle = self.contexts.add(ExecutionContext(graph, self._kv_budget))
         except OverflowError:
             raise GuestFault(BUSY, f"at most {self.contexts.limit} execution contexts may be open") from None
         mem.write_u32(ctx_out, handle)

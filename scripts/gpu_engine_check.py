@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Check the inference engine on CUDA against its CPU float32 path and transformers.
+
+Writes a random-weight GGUF with the Llama-3.2-1B shape (hidden 2048, 32 heads / 8 KV heads,
+FFN 8192, vocab 128256, tied embeddings, llama3 RoPE scaling) cut to a few layers, then for each
+storage type checks, on the same weights:
+
+- engine cuda float32 vs engine cpu float32: logits (max |err| / max |logit| < 1e-4) and greedy
+  tokens identical;
+- engine cuda float32 vs transformers LlamaForCausalLM (cuda float32, eager attention): logits
+  (< 1e-4) and greedy tokens identical;
+- engine cuda bfloat16 vs engine cpu float32: logits (< 5e-2) and top-1 agreement over the
+  prompt's positions (>= 90%); the greedy prefix that matches is reported, not required;
+- a session's KV state moved to the CPU and back restores the next logits exactly; decode
+  writes logits into a caller's CUDA buffer.
+
+Results go to $OUT/gpu_engine_check.json (or --out); the exit status is 1 if a check fails.
+``--device cpu`` runs every step on the CPU (the "cuda" side then is the CPU too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from driftwood.model import SamplingParams, load_model
+from driftwood.model.generate import complete
+from driftwood.model.reference import hf_model
+from driftwood.model.synthetic import PRESETS, write_synthetic
+
+PROMPT = "The lighthouse keeper climbed the stairs at dusk, trimmed the wick and wrote: wind from the"
+F32_TOL, BF16_TOL, BF16_TOP1 = 1e-4, 5e-2, 0.90
+
+
+def environment(device: str) -> dict[str, Any]:
+    import datetime
+    import platform
+
+    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv), "device": device, "torch": torch.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    if device.startswith("cuda"):
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("transformers", "gguf", "tokenizers"):
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            env[name] = None
+    return env
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def engine_run(model, ids: list[int], n: int) -> dict[str, Any]:
+    """Logits at every prompt position (prefill then one-token decodes) and n greedy tokens."""
+    s = model.new_session(capacity=len(ids) + n + 1)
+    logits = [s.prefill(ids[:1])] + [s.decode(i) for i in ids[1:]]
+    t = time.perf_counter()
+    out = complete(model.new_session(capacity=len(ids) + n + 1, seed=0), ids, SamplingParams(), n,
+                   stop_ids=())
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"logits": torch.stack(logits).float().cpu(), "greedy": out.output_ids,
+            "decode_ms_per_token": out.stats.as_dict()["decode_ms_per_token"],
+            "generate_s": time.perf_counter() - t}
+
+
+def hf_run(hf, ids: list[int], n: int, device: str) -> dict[str, Any]:
+    greedy = []
+    with torch.no_grad():
+        x = torch.tensor([ids], device=device)
+        step = hf(x, use_cache=True)
+        logits = step.logits[0].float().cpu()
+        for _ in range(n):
+            greedy.append(int(step.logits[0, -1].argmax()))
+            nxt = torch.tensor([[greedy[-1]]], device=device)
+            step = hf(nxt, past_key_values=step.past_key_values, use_cache=True)
+    return {"logits": logits, "greedy": greedy}
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def check_file(path: Path, device: str, n: int) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+
+    def record(name: str, ok: bool, **detail: Any) -> None:
+        checks[name] = {"ok": bool(ok), **detail}
+        print(f"  {'PASS' if ok else 'FAIL'} {name} {json.dumps(detail)}", flush=True)
+
+    cpu = load_model(str(path), device="cpu", dtype="float32", weights="dense", progress=False)
+    ids = cpu.tokenizer.encode(PROMPT)
+    ref = engine_run(cpu, ids, n)
+    del cpu
+
+    gpu32 = load_model(str(path), device=device, dtype="float32", weights="dense", progress=False)
+    got = engine_run(gpu32, ids, n)
+    record("engine_f32_vs_cpu_f32_logits", rel_err(got["logits"], ref["logits"]) < F32_TOL,
+           rel_err=rel_err(got["logits"], ref["logits"]), tol=F32_TOL)
+    record("engine_f32_vs_cpu_f32_greedy", got["greedy"] == ref["greedy"],
+           tokens=n, matching=matching_prefix(got["greedy"], ref["greedy"]))
+
+    # the session API on the device: KV state through the CPU and back, logits into a buffer
+    s = gpu32.new_session(capacity=len(ids) + 4)
+    s.prefill(ids)
+    state = {k: v.cpu() for k, v in s.kv_state().items()}
+    t = gpu32.new_session(capacity=len(ids) + 4)
+    t.load_kv_state(list(ids), state)
+    buf = torch.zeros(gpu32.config.vocab_size + 2, device=gpu32.device)
+    out = t.decode(42, logits_out=buf[1:-1])
+    want = s.decode(42)
+    record("kv_state_round_trip_and_logits_out", torch.equal(out, want) and out.data_ptr() == buf[1:].data_ptr(),
+           max_diff=float((out - want).abs().max()))
+    del s, t
+
+    hf = hf_model(path, dtype=torch.float32, device=device)
+    hf_out = hf_run(hf, ids, n, device)
+    del hf
+    record("engine_f32_vs_transformers_logits", rel_err(got["logits"], hf_out["logits"]) < F32_TOL,
+           rel_err=rel_err(got["logits"], hf_out["logits"]), tol=F32_TOL)
+    record("engine_f32_vs_transformers_greedy", got["greedy"] == hf_out["greedy"],
+           tokens=n, matching=matching_prefix(got["greedy"], hf_out["greedy"]))
+    f32_decode_ms = got["decode_ms_per_token"]
+    del gpu32
+
+    gpu16 = load_model(str(path), device=device, dtype="bfloat16", weights="dense", progress=False)
+    got16 = engine_run(gpu16, ids, n)
+    top1 = float((got16["logits"].argmax(-1) == ref["logits"].argmax(-1)).float().mean())
+    record("engine_bf16_vs_cpu_f32_logits", rel_err(got16["logits"], ref["logits"]) < BF16_TOL,
+           rel_err=rel_err(got16["logits"], ref["logits"]), tol=BF16_TOL)
+    record("engine_bf16_vs_cpu_f32_top1", top1 >= BF16_TOP1, agreement=top1, min=BF16_TOP1,
+           greedy_matching_prefix=matching_prefix(got16["greedy"], ref["greedy"]), tokens=n)
+    return {"file": path.name, "prompt_tokens": len(ids), "checks": checks,
+            "greedy_cpu_f32": ref["greedy"],
+            "decode_ms_per_token": {"f32": f32_decode_ms, "bf16": got16["decode_ms_per_token"]}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=2, help="layers of the 1B shape to keep (default 2)")
+    p.add_argument("--dtypes", default="bf16,q4_k_m", help="GGUF storage types to check")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"))
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(PRESETS["llama3.2-1b"], n_layers=args.layers)
+    results: dict[str, Any] = {"environment": environment(args.device), "config": dataclasses.asdict(config),
+                               "tolerances": {"f32": F32_TOL, "bf16": BF16_TOL, "bf16_top1": BF16_TOP1},
+                               "files": []}
+    ok = True
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        path = out / f"llama3.2-1b-{args.layers}l-{dtype}.gguf"
+        t = time.perf_counter()
+        write_synthetic(path, config, dtype, seed=0)
+        print(f"{path.name}: written in {time.perf_counter() - t:.1f} s", flush=True)
+        result = check_file(path, args.device, args.tokens)
+        results["files"].append(result)
+        ok &= all(c["ok"] for c in result["checks"].values())
+        path.unlink()  # large; the JSON is what comes back
+    results["ok"] = ok
+    (out / "gpu_engine_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'ALL PASS' if ok else 'SOME CHECKS FAILED'}; wrote {out / 'gpu_engine_check.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

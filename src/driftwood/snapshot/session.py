@@ -1,0 +1,493 @@
+"""Session snapshots: the KV cache in content-addressed chunks, plus tokens, logits and RNG.
+
+A session's tokens ``[0, position)`` are cut into chunks of ``CHUNK_TOKENS`` (the last one may
+be shorter). Each chunk is one safetensors file holding ``k``, ``v`` (n_layers, n_kv_heads,
+tokens, head_dim) and ``tokens``; its address chains over the prefix::
+
+    address_i = xxh3_128(address_{i-1} ‖ token ids of chunk i ‖ xxh3_128 of the chunk file)
+
+so equal prefixes with equal bytes share chunks in a store, and a chunk's address names its
+whole prefix. Saving again after the session grew writes only the chunks that changed: the
+saver remembers, per session and store, which chunks hold this session's bytes, and reuses
+them while the session's tokens still begin with theirs. Restoring reads every chunk straight
+into a new session's cache (on the CPU with one kernel copy, verifying as it goes) and makes
+the session live only after every check passed.
+
+The next-token logits are stored with the session (a session does not keep them), so a
+restored session continues exactly: greedy decoding gives the same tokens, and seeded
+sampling (its RNG state is stored too) the same sequence, on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from driftwood import __version__
+from driftwood.errors import SnapshotError
+from driftwood.snapshot.format import (
+    CHUNK_TOKENS,
+    KV_DTYPES,
+    Chunk,
+    Digester,
+    KVLayout,
+    Manifest,
+    ModelRef,
+    Obj,
+    SessionRecord,
+    chunk_address,
+    chunk_header,
+    chunk_root,
+    encode_manifest,
+    int32_bytes,
+    logits_header,
+    now,
+)
+from driftwood.snapshot.store import Reader, Store, Transaction
+
+if TYPE_CHECKING:
+    from driftwood.model import Model, SamplingParams, Session
+
+READ_GROUP = 256 << 10  # bytes read per preadv on restore: hashed while still in cache
+
+
+@dataclass
+class SaveReport:
+    name: str
+    manifest: Manifest
+    bytes_written: int  # objects and manifest
+    objects_written: int
+    objects_reused: int
+    seconds: float
+
+
+@dataclass
+class Restored:
+    session: Session
+    logits: torch.Tensor | None  # (vocab,) float32 on the model's device
+    sampler: SamplingParams | None
+
+
+# -- what each session last saved (in this process) ----------------------------------------
+
+@dataclass
+class _Saved:
+    tokens: list[int]
+    chunks: list[Chunk]
+
+
+_saved: weakref.WeakKeyDictionary[Session, dict[str, _Saved]] = weakref.WeakKeyDictionary()
+
+
+def forget(session: Session, position: int = 0) -> None:
+    """Tell the saver that ``session``'s keys and values from ``position`` on were (or will be)
+    recomputed. Needed only after truncating a session below what it saved and appending the
+    same tokens again: the next save then stores the recomputed bytes instead of reusing the
+    earlier chunks (which hold the same tokens, computed before)."""
+    for memo in _saved.get(session, {}).values():
+        memo.chunks = [c for c in memo.chunks if c.start + c.count <= position]
+        memo.tokens = memo.tokens[:position]
+
+
+def _remember(session: Session, store: Store, rec: SessionRecord) -> None:
+    _saved.setdefault(session, {})[store.uri] = _Saved(list(rec.tokens), list(rec.chunks))
+
+
+# -- saving -------------------------------------------------------------------------------
+
+def kv_layout(model: Model) -> KVLayout:
+    c = model.config
+    return KVLayout(dtype_name(model.dtype), c.n_layers, c.n_kv_heads, c.head_dim, CHUNK_TOKENS)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in KV_DTYPES:
+        raise SnapshotError(f"KV dtype {name} cannot be snapshotted (known: {', '.join(KV_DTYPES)})")
+    return name
+
+
+def model_ref(model: Model, name: str | None = None, spec: str | None = None) -> ModelRef:
+    c = model.config
+    return ModelRef(model.identity, c.arch, model.path.name, c.vocab_size, c.context_length, name, spec)
+
+
+def write_session(
+    txn: Transaction,
+    store: Store,
+    session: Session,
+    *,
+    logits: torch.Tensor | None = None,
+    logits_offset: int | None = None,
+    sampler: SamplingParams | None = None,
+    signed: bool = False,
+    model_name: str | None = None,
+    model_spec: str | None = None,
+    handle: int | None = None,
+) -> SessionRecord:
+    """Put ``session``'s new chunks (and its logits) into transaction ``txn``; return its record."""
+    model = session.model
+    kv = kv_layout(model)
+    identity = model.identity
+    tokens = list(session.tokens)
+    position = len(tokens)
+    chunks = _reusable(session, store, txn, tokens, signed)
+    parent = chunks[-1].address if chunks else chunk_root(identity, kv)
+    start = chunks[-1].start + chunks[-1].count if chunks else 0
+    staging: torch.Tensor | None = None
+    arrays = [byte_arrays(side) for side in cache_layers(session)] if model.device.type == "cpu" else []
+    while start < position:
+        count = min(kv.chunk_tokens, position - start)
+        header = chunk_header(identity, kv, parent, start, count)
+        ids = int32_bytes(tokens[start : start + count])
+        if model.device.type == "cpu":  # straight from the cache: no copy
+            payload = planes(arrays[0], start, start + count) + planes(arrays[1], start, start + count)
+        else:
+            state = session.kv_state(start, start + count)  # (L, H, T, D) on the device
+            nbytes = count * kv.token_bytes
+            if staging is None:
+                staging = torch.empty(kv.chunk_tokens * kv.token_bytes, dtype=torch.uint8, pin_memory=True)
+            half = nbytes // 2
+            for i, name in enumerate(("k", "v")):
+                dst = staging[i * half : (i + 1) * half].view(state[name].dtype).view(state[name].shape)
+                dst.copy_(state[name])  # device -> pinned host, synchronous
+            payload = [staging[:nbytes].numpy()]
+        digest = Digester(sha256=signed)
+        for part in (header, *payload, ids):
+            digest.update(part)
+        address = chunk_address(parent, tokens[start : start + count], digest.xxh3.hexdigest())
+        obj = digest.ref(f"chunks/{address}.safetensors")
+        txn.put(obj.key, [header, *payload, ids])
+        chunks.append(Chunk(obj, start, count))
+        parent, start = address, start + count
+
+    logits_obj = None
+    if logits is not None and logits_offset is None:
+        values = logits.detach().to("cpu", torch.float32).contiguous()
+        if values.shape != (model.config.vocab_size,):
+            raise SnapshotError(f"logits of shape {tuple(values.shape)}, expected ({model.config.vocab_size},)")
+        head = logits_header(model.config.vocab_size)
+        digest = Digester(sha256=signed)
+        digest.update(head)
+        digest.update(values.numpy())
+        logits_obj = digest.ref(f"blobs/{digest.xxh3.hexdigest()}.safetensors")
+        txn.put(logits_obj.key, [head, values.numpy()])
+    params = None if sampler is None else dataclasses.asdict(sampler)
+    return SessionRecord(model_ref(model, model_name, model_spec), kv, session.capacity, tuple(tokens),
+                         tuple(chunks), logits_obj, logits_offset, session.rng_state(), params, handle)
+
+
+def _reusable(session: Session, store: Store, txn: Transaction, tokens: list[int], signed: bool) -> list[Chunk]:
+    """The leading chunks of the last save of ``session`` to ``store`` that still hold its
+    bytes: their tokens are unchanged and the store still has them."""
+    memo = _saved.get(session, {}).get(store.uri)
+    if memo is None:
+        return []
+    out: list[Chunk] = []
+    for c in memo.chunks:
+        end = c.start + c.count
+        full = c.count == min(CHUNK_TOKENS, len(tokens) - c.start)
+        if end > len(tokens) or not full or tokens[c.start : end] != memo.tokens[c.start : end]:
+            break
+        if signed and c.obj.sha256 is None:
+            break  # saved unsigned: write it again with a sha256 (same address, same file)
+        if not txn.has(c.obj.key):
+            break
+        txn.objects_reused += 1
+        out.append(c)
+    return out
+
+
+def cache_layers(session: Session) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The session's cache as per-layer (batch, n_kv_heads, capacity, head_dim) tensors, keys
+    and values (model/cache.py's layout; also accepts one (n_layers, ...) tensor)."""
+    cache = session.cache
+    if cache is None:
+        raise SnapshotError("the session is closed")
+    return _per_layer(cache.k), _per_layer(cache.v)
+
+
+def _per_layer(t: Any) -> list[torch.Tensor]:
+    return list(t) if isinstance(t, list | tuple) else list(t.unbind(0))
+
+
+def byte_arrays(layers: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each CPU layer as a (1, H, capacity, D * itemsize) uint8 array aliasing the cache."""
+    return [layer.view(torch.uint8).numpy() for layer in layers]
+
+
+def planes(arrays: list[np.ndarray], t0: int, t1: int) -> list[np.ndarray]:
+    """Positions [t0, t1) of every (layer, KV head), in the chunk file's order: ``n_layers *
+    n_kv_heads`` contiguous (t1 - t0, head_dim * itemsize) byte planes of the cache."""
+    return [a[0, h, t0:t1] for a in arrays for h in range(a.shape[1])]
+
+
+def save_session(
+    store: Store,
+    name: str,
+    session: Session,
+    *,
+    logits: torch.Tensor | None = None,
+    sampler: SamplingParams | None = None,
+    key: bytes | None = None,
+) -> SaveReport:
+    """Snapshot ``session`` into ``store`` as ``name`` (replacing an older snapshot of that name
+    atomically). ``logits``: the next-token logits the session's last step returned (store
+    them to continue exactly); ``sampler``: parameters to keep with it; ``key``: sign it."""
+    return commit_session(store, name, session, logits=logits, sampler=sampler, key=key)
+
+
+def commit_session(store: Store, name: str, session: Session, *, key: bytes | None = None,
+                   **record: Any) -> SaveReport:
+    """:func:`save_session` with the record's other fields (model name and spec) settable."""
+    t0 = time.perf_counter()
+    with store.transaction() as txn:
+        rec = write_session(txn, store, session, signed=key is not None, **record)
+        manifest = Manifest("session", name, now(), (rec,), None, __version__, key is not None)
+        txn.commit(name, encode_manifest(manifest, key))
+    _remember(session, store, rec)
+    return SaveReport(name, manifest, txn.bytes_written, txn.objects_written, txn.objects_reused,
+                      time.perf_counter() - t0)
+
+
+# -- restoring ----------------------------------------------------------------------------
+
+def check_model(rec: SessionRecord, model: Model, where: str = "snapshot") -> None:
+    """Refuse a session record that was not made with ``model``."""
+    if rec.model.identity != model.identity:
+        raise SnapshotError(
+            f"{where} is of model {rec.model.file} ({rec.model.identity[:16]}), not {model.path.name} "
+            f"({model.identity[:16]}): a snapshot never restores into another model")
+    c = model.config
+    if (rec.kv.n_layers, rec.kv.n_kv_heads, rec.kv.head_dim) != (c.n_layers, c.n_kv_heads, c.head_dim):
+        raise SnapshotError(f"{where}: KV layout {rec.kv} does not fit the model")
+    if rec.model.vocab_size != c.vocab_size or rec.capacity > c.context_length:
+        raise SnapshotError(f"{where}: vocabulary or capacity does not fit the model")
+
+
+def load_session(
+    store: Store,
+    rec: SessionRecord,
+    model: Model,
+    *,
+    signed: bool = False,
+    into: Session | None = None,
+) -> tuple[Session, torch.Tensor | None]:
+    """A new session on ``model`` holding ``rec`` (or ``into``, an empty session, filled), and
+    the stored logits. Raises SnapshotError, leaving no session behind, on any mismatch."""
+    check_model(rec, model)
+    session = into if into is not None else model.new_session(capacity=rec.capacity, seed=0)
+    try:
+        if session.position != 0 or session.capacity < rec.position:
+            raise SnapshotError("restoring needs an empty session with room for the snapshot")
+        if len(rec.rng) != len(session.rng_state()):
+            raise SnapshotError(f"RNG state of {len(rec.rng)} bytes, this torch keeps {len(session.rng_state())}")
+        sampler = _sampler(rec)  # noqa: F841 (validated here, before any bulk read)
+        logits = _load_logits(store, rec, model, signed) if rec.logits is not None else None
+        loader = _ChunkLoader(store, rec, session, signed)
+        parents = [chunk_root(rec.model.identity, rec.kv)] + [c.address for c in rec.chunks[:-1]]
+        for chunk, parent in zip(rec.chunks, parents, strict=True):
+            loader.load(chunk, parent)
+        loader.finish(session, list(rec.tokens), rec.rng)
+    except BaseException:
+        if into is None:
+            session.close()
+        raise
+    _remember(session, store, rec)
+    return session, logits
+
+
+def restore_session(store: Store, name: str, model: Model, *, key: bytes | None = None) -> Restored:
+    """Restore snapshot ``name`` into a new session on ``model`` (with ``key``: only if signed
+    with it). Returns the session, its next-token logits and its sampling parameters."""
+    manifest = store.manifest(name, key)
+    if manifest.kind != "session":
+        raise SnapshotError(f"{name} is an actor snapshot; restore it with restore_actor or `driftwood resume`")
+    rec = manifest.sessions[0]
+    session, logits = load_session(store, rec, model, signed=key is not None)
+    return Restored(session, logits, _sampler(rec))
+
+
+def _sampler(rec: SessionRecord) -> SamplingParams | None:
+    if rec.sampler is None:
+        return None
+    from driftwood.model import SamplingParams
+
+    try:
+        return SamplingParams(**rec.sampler)
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"sampler parameters are invalid: {exc}") from None
+
+
+def check_object(obj: Obj, parts: Sequence[Any], signed: bool) -> None:
+    """Refuse ``parts`` (an object's bytes, in order) unless they match ``obj``'s digests."""
+    digest = Digester(sha256=signed)
+    for p in parts:
+        digest.update(p)
+    got = digest.ref(obj.key)
+    if got.size != obj.size:
+        raise SnapshotError(f"{obj.key}: {got.size} bytes, the manifest says {obj.size} (truncated?)")
+    if got.xxh3 != obj.xxh3 or (signed and got.sha256 != obj.sha256):
+        raise SnapshotError(f"{obj.key}: checksum mismatch: the object is corrupted or was altered")
+
+
+def read_object(store: Store, obj: Obj, signed: bool) -> bytes:
+    """The bytes of ``obj``, checked (the store's own word is enough for a verified store)."""
+    with store.reader(obj.key) as r:
+        if r.size != obj.size:
+            raise SnapshotError(f"{obj.key}: {r.size} bytes, the manifest says {obj.size} (truncated?)")
+        data = r.read(0, r.size)
+    if not store.verified:
+        check_object(obj, [data], signed)
+    return data
+
+
+def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -> torch.Tensor:
+    assert rec.logits is not None
+    data = read_object(store, rec.logits, signed)
+    head = logits_header(model.config.vocab_size)
+    if data[: len(head)] != head:
+        raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
+    values = torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.float32)
+    return values.to(model.device)
+
+
+class _ChunkLoader:
+    """Reads chunks into a session's cache.
+
+    On the CPU with the cache's own dtype (``direct``): straight into the cache — from a
+    directory store with preadv into its planes (hashing each group while it is in cache), from
+    a memory store with one copy per layer — and the session adopts the bytes in place.
+    (Chunks in parallel threads were slower on a shared 2-core machine.) Otherwise
+    (CUDA, or another dtype): into one (n_layers, n_kv_heads, position, head_dim) tensor per
+    side on the session's device — from pinned staging buffers (alternating, so reading the next
+    chunk overlaps the copy of the last), or straight from a pinned memory store — which
+    :meth:`Session.load_kv_state` then copies in (one copy per layer).
+    """
+
+    def __init__(self, store: Store, rec: SessionRecord, session: Session, signed: bool) -> None:
+        self.store, self.rec, self.signed = store, rec, signed
+        self.dtype = getattr(torch, rec.kv.dtype)
+        self.verify = not store.verified
+        self.session = session
+        k_layers, v_layers = cache_layers(session)
+        self.device = k_layers[0].device
+        self.direct = self.device.type == "cpu" and k_layers[0].dtype == self.dtype
+        self.arrays = (byte_arrays(k_layers), byte_arrays(v_layers)) if self.direct else ([], [])
+        kv = rec.kv
+        shape = (kv.n_layers, kv.n_kv_heads, rec.position, kv.head_dim)
+        self.gathered = None if self.direct else {
+            name: torch.empty(shape, dtype=k_layers[0].dtype, device=self.device) for name in ("k", "v")}
+        self.staging: list[torch.Tensor] = []
+        self.events: list[Any] = []
+        self.turn = 0
+
+    def load(self, chunk: Chunk, parent: str) -> None:
+        """Read, check and place one chunk (``parent``: the previous chunk's address)."""
+        kv, rec = self.rec.kv, self.rec
+        header = chunk_header(rec.model.identity, kv, parent, chunk.start, chunk.count)
+        t0, t1 = chunk.start, chunk.start + chunk.count
+        payload = chunk.count * kv.token_bytes
+        where = f"chunk at token {t0} ({chunk.obj.key})"
+        with self.store.reader(chunk.obj.key) as r:
+            if r.size != chunk.obj.size:
+                raise SnapshotError(f"{where}: {r.size} bytes, the manifest says {chunk.obj.size} "
+                                    "(truncated or replaced)")
+            digest = Digester(sha256=self.signed)
+            head = r.read(0, len(header))
+            if head != header:
+                raise SnapshotError(f"{where}: its header is not the one the manifest describes "
+                                    "(corrupted or altered)")
+            digest.update(head)
+            ids = bytearray(4 * chunk.count)
+            view = r.view()
+            if self.direct and view is None:
+                offset = len(header)
+                for group in _groups(planes(self.arrays[0], t0, t1) + planes(self.arrays[1], t0, t1), READ_GROUP):
+                    r.readinto(offset, group)
+                    for g in group:
+                        offset += g.nbytes
+                        if self.verify:
+                            digest.update(g)
+            else:
+                host = view[len(header) : len(header) + payload] if view is not None else self._stage(r, len(header), payload)
+                if self.verify:
+                    digest.update(host.numpy())
+                if self.direct:
+                    self._scatter(host, t0, t1)
+                else:
+                    self._gather(host, t0, t1)
+            r.readinto(len(header) + payload, [ids])
+            if self.verify:
+                digest.update(ids)
+                got = digest.ref(chunk.obj.key)
+                if got.xxh3 != chunk.obj.xxh3 or (self.signed and got.sha256 != chunk.obj.sha256):
+                    raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+        if bytes(ids) != int32_bytes(rec.tokens[t0:t1]):
+            raise SnapshotError(f"{where} holds other tokens than the manifest")
+
+    def _stage(self, r: Reader, offset: int, n: int) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        if len(self.staging) < 2:
+            size = self.rec.kv.chunk_tokens * self.rec.kv.token_bytes
+            self.staging.append(torch.empty(size, dtype=torch.uint8, pin_memory=cuda))
+            self.events.append(None)
+        i = self.turn = (self.turn + 1) % len(self.staging)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy that last read this buffer is done
+        buf = self.staging[i][:n]
+        r.readinto(offset, [buf.numpy()])
+        return buf
+
+    def _sides(self, host: torch.Tensor, t0: int, t1: int) -> list[torch.Tensor]:
+        """Host bytes of a chunk's payload -> its k and v, each (L, H, T, D) in the chunk's dtype."""
+        L, H, D = self.rec.kv.n_layers, self.rec.kv.n_kv_heads, self.rec.kv.head_dim
+        half = host.numel() // 2
+        return [host[i * half : (i + 1) * half].view(self.dtype).view(L, H, t1 - t0, D) for i in range(2)]
+
+    def _scatter(self, host: torch.Tensor, t0: int, t1: int) -> None:
+        """Host bytes -> positions [t0, t1) of the CPU cache, one copy per layer (torch's copy
+        beats plane-by-plane memcpy here: it uses every core)."""
+        for src, layers in zip(self._sides(host, t0, t1), cache_layers(self.session), strict=True):
+            for layer, dst in enumerate(layers):
+                dst[0, :, t0:t1].copy_(src[layer])
+
+    def _gather(self, host: torch.Tensor, t0: int, t1: int) -> None:
+        """Host bytes (k then v, each (L, H, T, D)) -> positions [t0, t1) of the gathered
+        tensors, converting the dtype if needed."""
+        assert self.gathered is not None
+        cuda = self.device.type == "cuda"
+        for src, name in zip(self._sides(host, t0, t1), ("k", "v"), strict=True):
+            self.gathered[name][:, :, t0:t1].copy_(src, non_blocking=cuda)
+        if cuda and self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
+            event = torch.cuda.Event()
+            event.record()
+            self.events[self.turn] = event
+
+    def finish(self, session: Session, tokens: list[int], rng: bytes) -> None:
+        """Make the session hold the tokens: every chunk was read and checked."""
+        if self.gathered is None:
+            session.adopt_kv(tokens, rng)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        session.load_kv_state(tokens, self.gathered, rng)
+
+
+def _groups(views: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
+    out: list[list[np.ndarray]] = [[]]
+    n = 0
+    for v in views:
+        if n >= size:
+            out.append([])
+            n = 0
+        out[-1].append(v)
+        n += v.nbytes
+    return out

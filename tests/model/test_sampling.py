@@ -1,0 +1,127 @@
+"""Sampling: properties of each filter (hypothesis), greedy at temperature 0, and a seeded RNG
+whose state round-trips exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driftwood.model.sampling import (
+    SamplingParams,
+    generator_state,
+    min_p,
+    new_generator,
+    repetition_penalty,
+    sample,
+    set_generator_state,
+    top_k,
+    top_p,
+)
+
+logit_lists = st.lists(st.floats(min_value=-30, max_value=30, allow_nan=False, width=32),
+                       min_size=1, max_size=64)
+
+
+def finite(x: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(x)).flatten().tolist())
+
+
+@given(logit_lists, st.integers(min_value=0, max_value=70))
+def test_top_k(values, k):
+    x = torch.tensor(values)
+    kept = finite(top_k(x, k))
+    assert int(x.argmax()) in kept
+    if 0 < k < len(values):
+        kth = torch.topk(x, k).values[-1]
+        assert kept == {i for i, v in enumerate(values) if v >= kth}  # ties at the k-th kept
+        assert len(kept) >= k
+    else:
+        assert len(kept) == len(values)
+
+
+@given(logit_lists, st.floats(min_value=0.01, max_value=1.0))
+def test_top_p_keeps_the_smallest_prefix_reaching_p(values, p):
+    x = torch.tensor(values)
+    kept = finite(top_p(x, p))
+    probs = x.softmax(-1)
+    assert int(x.argmax()) in kept
+    if p < 1.0:
+        mass = float(probs[sorted(kept)].sum())
+        dropped_max = max((float(probs[i]) for i in range(len(values)) if i not in kept), default=0.0)
+        assert mass >= p - 1e-5 or len(kept) == len(values)
+        # every kept token is at least as likely as every dropped one
+        assert all(float(probs[i]) >= dropped_max - 1e-7 for i in kept)
+        # dropping the least likely kept token would fall short of p
+        smallest = min(float(probs[i]) for i in kept)
+        assert len(kept) == 1 or mass - smallest < p + 1e-5
+
+
+@given(logit_lists, st.floats(min_value=0.0, max_value=1.0))
+def test_min_p(values, p):
+    x = torch.tensor(values)
+    probs = x.softmax(-1)
+    kept = finite(min_p(x, p))
+    assert kept == {i for i in range(len(values)) if probs[i] >= p * probs.max()}
+
+
+@given(logit_lists, st.lists(st.integers(min_value=0, max_value=63), max_size=20),
+       st.floats(min_value=1.0, max_value=3.0))
+def test_repetition_penalty_only_lowers_seen_tokens(values, history, penalty):
+    x = torch.tensor(values)
+    out = repetition_penalty(x, [h for h in history if h < len(values)], penalty)
+    seen = {h for h in history if h < len(values)}
+    for i, (before, after) in enumerate(zip(x.tolist(), out.tolist(), strict=True)):
+        if i in seen:
+            assert after <= before
+        else:
+            assert after == before
+
+
+@settings(deadline=None)
+@given(logit_lists, st.floats(min_value=0.1, max_value=2.0), st.integers(0, 10),
+       st.floats(min_value=0.1, max_value=1.0), st.floats(min_value=0.0, max_value=0.5),
+       st.integers(0, 2**32))
+def test_sample_draws_a_surviving_token(values, temperature, k, p, mp, seed):
+    x = torch.tensor(values)
+    params = SamplingParams(temperature=temperature, top_k=k, top_p=p, min_p=mp)
+    token = sample(x, params, new_generator(seed))
+    allowed = finite(min_p(top_p(top_k(x / temperature, k), p), mp))
+    assert token in allowed
+
+
+@given(logit_lists)
+def test_temperature_zero_is_greedy(values):
+    x = torch.tensor(values)
+    assert sample(x, SamplingParams(), new_generator(0)) == int(x.argmax())
+
+
+def test_seeded_draws_repeat_and_state_round_trips():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3
+    params = SamplingParams(temperature=1.0)
+    g1, g2 = new_generator(42), new_generator(42)
+    assert [sample(x, params, g1) for _ in range(20)] == [sample(x, params, g2) for _ in range(20)]
+    state = generator_state(g1)
+    ahead = [sample(x, params, g1) for _ in range(50)]
+    g3 = new_generator(7)
+    set_generator_state(g3, state)
+    assert generator_state(g3) == state
+    assert [sample(x, params, g3) for _ in range(50)] == ahead
+    assert len(set(ahead)) > 5  # really sampling
+
+
+def test_sampling_distribution_follows_the_probabilities():
+    x = torch.tensor([0.0, math.log(3.0)])  # p = 0.25, 0.75
+    g = new_generator(0)
+    draws = [sample(x, SamplingParams(temperature=1.0), g) for _ in range(4000)]
+    assert 0.72 < sum(draws) / len(draws) < 0.78
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(min_p=1.5),
+                                 dict(repetition_penalty=0.0), dict(top_k=-1)])
+def test_invalid_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
