@@ -31,3 +31,16 @@ def vm_size() -> int:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmSize in /proc/self/status")
+
+
+def forwarder(module: str, signatures: dict[str, int], pages: int) -> str:
+    """A WAT guest that exports one function per import of ``module`` and forwards its raw
+    i32 arguments, so a test can call host functions from a real guest with any values."""
+    imports, exports = [], []
+    for name, n in signatures.items():
+        params = f"(param {' '.join(['i32'] * n)})" if n else ""
+        args = " ".join(f"(local.get {i})" for i in range(n))
+        imports.append(f'(import "{module}" "{name}" (func ${name} {params} (result i32)))')
+        exports.append(f'(func (export "{name}") {params} (result i32) (call ${name} {args}))')
+    memory = f'(memory (export "memory") {pages} {pages})'
+    return "(module\n" + "\n".join([*imports, memory, *exports]) + ")"

@@ -30,7 +30,7 @@ from driftwood.runtime.actor import Actor, Limits, WasiOptions
 from driftwood.runtime.hostcall import GuestFault
 from driftwood.runtime.models import ModelPool
 from driftwood.runtime.module import GuestModule
-from tests.conftest import quiet, wat_module
+from tests.conftest import forwarder, quiet, wat_module
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 LONGER = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
@@ -182,17 +182,7 @@ PAGES = 4
 MEM = PAGES * 65536
 
 
-def forwarder(pages: int = PAGES) -> str:
-    imports, exports = [], []
-    for name, n in SIGNATURES.items():
-        params = " ".join(["i32"] * n)
-        args = " ".join(f"(local.get {i})" for i in range(n))
-        imports.append(f'(import "wasi_ephemeral_nn" "{name}" (func ${name} (param {params}) (result i32)))')
-        exports.append(f'(func (export "{name}") (param {params}) (result i32) (call ${name} {args}))')
-    return "(module\n" + "\n".join(imports) + f'\n(memory (export "memory") {pages} {pages})\n' + "\n".join(exports) + ")"
-
-
-FORWARDER = forwarder()
+FORWARDER = forwarder("wasi_ephemeral_nn", SIGNATURES, PAGES)
 
 # where the driver lays out arguments in the forwarder's memory
 OUT_U32 = 0x100  # a u32 out-parameter
@@ -330,7 +320,7 @@ def test_graph_keys_are_shared_context_keys_are_not(pool):
 
 def test_kv_memory_is_bounded_per_actor(pool, tiny):
     c = tiny.config
-    per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4  # (k, v), float32
+    per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * tiny.dtype.itemsize  # (k, v)
     with Actor(wat_module(FORWARDER, "wasi-nn-kv.wasm"), wasi=quiet(),
                host_modules=[WasiNN.factory(pool, max_kv_bytes=2 * 64 * per_token)]) as actor:
         d = Driver(actor)
@@ -543,7 +533,7 @@ def test_load_raw_gguf_bytes(pool):
     """Builder 0 holding the GGUF file itself: the graph behaves as the preloaded file does."""
     blob = pool.get("tiny").path.read_bytes()
     pages = (DATA_AT + len(blob)) // 65536 + 2
-    with Actor(wat_module(forwarder(pages), "wasi-nn-big.wasm"), wasi=quiet(),
+    with Actor(wat_module(forwarder("wasi_ephemeral_nn", SIGNATURES, pages), "wasi-nn-big.wasm"), wasi=quiet(),
                host_modules=[WasiNN.factory(pool)]) as actor:
         d = Driver(actor)
         d.mem.write(DATA_AT, blob)

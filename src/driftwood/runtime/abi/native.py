@@ -273,6 +273,8 @@ class NativeABI(HostModule):
             if out is not None:
                 out.copy_(logits)
                 logits = out
+        if out is not None:  # the guest reads its buffer as soon as the call returns
+            self.mem.backend.synchronize()
         entry.logits = logits
         self.actor.check_deadline()
         return session.position
