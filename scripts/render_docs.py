@@ -63,13 +63,13 @@ def render_zerocopy(results: list[dict[str, Any]]) -> str:
         for p in data["paths"]:
             rows.append([
                 p["path"], num(p["rss_delta_mib"], 3), num(p["device_delta_mib"], 2),
-                num(p.get("torch_alloc_delta_mib"), 2), "yes" if p["same_address"] else "no",
-                num(p["gemm_us"], 1),
+                num(p.get("torch_alloc_delta_mib"), 2), num(p.get("device_delta_after_read_mib"), 2),
+                "yes" if p["same_address"] else "no", num(p["gemm_us"], 1),
             ])
         ident = data["pointer_identity"]
         guest = data["gemm_guest"]
         out.append(table(["path", "RSS Δ MiB", "device Δ MiB (driver)", "torch alloc Δ MiB",
-                          "same address", f"GEMM {data['gemm_size']}² µs"], rows))
+                          "device Δ MiB after a read", "same address", f"GEMM {data['gemm_size']}² µs"], rows))
         out.append(f"\nPointer identity: **{str(ident['identical']).lower()}** (guest base "
                    f"`{ident['guest_base']}`, accelerator `{ident['accelerator_address']}`); GEMM guest: "
                    f"**{guest['errors']} errors of {guest['elements']:,}**.\n")
@@ -108,9 +108,25 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_boundary(results: list[dict[str, Any]]) -> str:
+    out = []
+    for data in results:
+        rows = [["guest (wasm → `dw_generate`)", num(data["guest_ms_per_token"], 3), num(data["guest_prefill_ms"], 1)],
+                ["python (`Session.sample` / `decode`)", num(data["python_ms_per_token"], 3),
+                 num(data["python_prefill_ms"], 1)]]
+        out.append(f"**{Path(data['model']).name}** ({data['dtype']}), {data['prompt_tokens']}-token prompt, "
+                   f"{data['generated_tokens']} tokens × {data['rounds']} interleaved rounds:\n")
+        out.append(table(["driver", "decode ms/token", f"prefill {data['prompt_tokens']} ms"], rows))
+        out.append(f"\nRatio guest ÷ python (median decode): **{data['ratio']:.4f}**; identical tokens: "
+                   f"**{'yes' if data['same_tokens'] else 'no'}**.\n")
+        out.append(source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "zerocopy": render_zerocopy,
     "snapshot": render_snapshot,
+    "boundary": render_boundary,
 }
 
 

@@ -68,6 +68,7 @@ def test_float32_greedy_matches_transformers(smollm2, hf_smollm2):
 # positions (measured 97%). The quant format adds int4 kernels and an int8 head.
 @pytest.mark.parametrize(("dtype", "weights", "tol"), [("bfloat16", "dense", 6e-2),
                                                        ("bfloat16", "quant", 8e-2),
+                                                       ("bfloat16", "hybrid", 8e-2),
                                                        ("float32", "quant", 3e-2)])
 def test_reduced_precision_is_close(smollm2_path, hf_smollm2, dtype, weights, tol):
     model = load_model(str(smollm2_path), device="cpu", dtype=dtype, weights=weights, progress=False)
@@ -79,6 +80,10 @@ def test_reduced_precision_is_close(smollm2_path, hf_smollm2, dtype, weights, to
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
     assert agree / total >= 0.85
+    # a prompt long enough for hybrid's float32 path
+    ids = model.tokenizer.encode(" ".join(PROMPTS))
+    assert len(ids) >= 32
+    assert rel_err(model.new_session().prefill(ids), reference_logits(hf_smollm2, ids)[-1]) < tol
 
 
 def test_default_model_name_resolves(smollm2):

@@ -3,8 +3,10 @@ chat templates, and streaming detokenization that never splits a UTF-8 character
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from driftwood.model.gguf import GGUFFile
@@ -42,9 +44,14 @@ def test_smollm2_matches_transformers(smol, hf_smollm2_tokenizer, text):
     assert smol.decode(ours) == hf_smollm2_tokenizer.decode(ref) == text
 
 
+def _non_ascii_number(text: str) -> bool:
+    return any(not c.isascii() and unicodedata.category(c).startswith("N") for c in text)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=64))
 def test_smollm2_matches_transformers_on_any_text(smol, hf_smollm2_tokenizer, text):
+    assume(not _non_ascii_number(text))  # see test_smollm_splits_every_number_character
     assert smol.encode(text) == hf_smollm2_tokenizer(text, add_special_tokens=False).input_ids
     if _encodable(smol, text):
         assert smol.decode(smol.encode(text)) == text
@@ -58,6 +65,16 @@ def _encodable(tok: Tokenizer, text: str) -> bool:
     spelling = bytes_to_unicode()
     vocab = tok.backend.get_vocab()
     return all(spelling[b] in vocab for b in text.encode())
+
+
+def test_smollm_splits_every_number_character(smol):
+    """tokenizer.ggml.pre = smollm splits each \\p{N} character off first, as llama.cpp (and
+    SmolLM2's own tokenizer.json, Digits(individual_digits)) do. transformers' GGUF loader
+    ignores that setting and uses the plain GPT-2 split; for ASCII digits the results agree
+    (the vocabulary has no merges across them), for other number characters they differ:
+    " ¹" is [216, 43183] here and [3351, 134] there."""
+    assert smol.encode(" ¹") == smol.encode(" ") + smol.encode("¹") == [216, 43183]
+    assert smol.encode(" ٣4") == smol.encode(" ") + smol.encode("٣") + smol.encode("4")
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "smollm", "gpt2"])

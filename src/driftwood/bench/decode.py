@@ -1,26 +1,32 @@
 """Decode and prefill speed of the engine's variants, beside llama.cpp on the same GGUF.
 
-Decode: ms per token after a 24-token prompt (median over the timed tokens). Prefill: ms to
-process 24, 256 and 1024 prompt tokens into an empty cache (median of the repeats). Both go
-through each engine's Python API without sampling. llama.cpp runs through llama-cpp-python
-(the optional ``bench`` extra) with the same thread count; it is skipped when not importable.
+On CUDA (``--device cuda``, :func:`run_cuda`) ``--model`` takes a comma-separated
+list of GGUF files and the measures are those of docs/gpu.md.
+
+Decode: ms per token after a 24-token prompt (median over every timed token of every round).
+Prefill: ms to process 24, 256 and 1024 prompt tokens into an empty cache (median of the
+rounds). Every engine runs through its Python API, without sampling. All variants are loaded
+first and measured round-robin, so they share the machine's conditions. llama.cpp runs
+through llama-cpp-python (the optional ``bench`` extra) with the same thread count, and is
+skipped when it is not importable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 # name -> load_model keyword arguments
 VARIANTS: dict[str, dict[str, Any]] = {
-    "f32-dense": {"dtype": "float32", "weights": "dense", "compile": False},
-    "bf16-dense": {"dtype": "bfloat16", "weights": "dense", "compile": False},
-    "bf16-quant": {"dtype": "bfloat16", "weights": "quant", "compile": False},
-    "bf16-quant-compiled": {"dtype": "bfloat16", "weights": "quant", "compile": True},
-    "f32-dense-compiled": {"dtype": "float32", "weights": "dense", "compile": True},
-    "default": {},
+    "f32-dense": {"dtype": "float32", "weights": "dense"},
+    "bf16-dense": {"dtype": "bfloat16", "weights": "dense"},
+    "bf16-quant": {"dtype": "bfloat16", "weights": "quant"},
+    "bf16-hybrid": {"dtype": "bfloat16", "weights": "hybrid"},
+    "bf16-hybrid-compiled": {"dtype": "bfloat16", "weights": "hybrid", "compile": True},
 }
 LLAMA_CPP = "llama.cpp"
 PROMPT_TOKENS = 24
@@ -33,132 +39,137 @@ TEXT = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="model name or GGUF path (default smollm2)")
     p.add_argument("--variants", default=",".join([*VARIANTS, LLAMA_CPP]),
                    help=f"comma-separated, from: {', '.join([*VARIANTS, LLAMA_CPP])}")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and llama.cpp)")
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads, torch and llama.cpp (default 2)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="timed tokens per round (default 64)")
     p.add_argument("--prefill-lengths", default="24,256,1024")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", dest="json_path", default=None,
-                   help="where to write results (default benchmarks/results/decode-<device>-<date>.json)")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (default 3)")
+    p.add_argument("--json", dest="json_path", default=None, help="where to write the JSON result")
+    p.add_argument("--batches", default="1,8,32,64", help="cuda: batch sizes for aggregate tokens/s")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="cuda: time transformers' eager generate on the same weights (default on)")
 
 
-def _prompt(tokenizer: Any, n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += tokenizer.encode(TEXT, add_bos=False)
-    return ids[:n]
+class _Runner:
+    """One variant: prefill(ids), decode(token), reset(), plus what it reports."""
 
+    def __init__(self, name: str, prefill: Callable, decode: Callable, reset: Callable,
+                 info: dict[str, Any]) -> None:
+        self.name, self.prefill, self.decode, self.reset, self.info = name, prefill, decode, reset, info
+        self.prefill_ms: dict[int, list[float]] = {}
+        self.decode_ms: list[float] = []
 
-def _measure(prefill, decode, reset, ids: list[int], lengths: list[int], n_decode: int,
-             repeats: int) -> dict[str, Any]:
-    """Time prefill at each length and decode after PROMPT_TOKENS (all in ms)."""
-    prefill_ms = {}
-    for n in lengths:
-        times = []
-        for _ in range(repeats):
-            reset()
+    def round(self, ids: list[int], lengths: list[int], n_decode: int) -> None:
+        for n in lengths:
+            self.reset()
             t = time.perf_counter()
-            prefill(ids[:n])
-            times.append((time.perf_counter() - t) * 1e3)
-        prefill_ms[str(n)] = round(statistics.median(times), 2)
-    steps = []
-    for _ in range(repeats):
-        reset()
-        prefill(ids[:PROMPT_TOKENS])
+            self.prefill(ids[:n])
+            self.prefill_ms.setdefault(n, []).append((time.perf_counter() - t) * 1e3)
+        self.reset()
+        self.prefill(ids[:PROMPT_TOKENS])
         for i in range(n_decode):
             t = time.perf_counter()
-            decode(ids[PROMPT_TOKENS + i])
-            steps.append((time.perf_counter() - t) * 1e3)
-    return {"decode_ms_per_token": round(statistics.median(steps), 3),
-            "decode_ms_mean": round(statistics.fmean(steps), 3),
-            "decode_ms_p90": round(statistics.quantiles(steps, n=10)[-1], 3),
-            "prefill_ms": prefill_ms}
+            self.decode(ids[PROMPT_TOKENS + i])
+            self.decode_ms.append((time.perf_counter() - t) * 1e3)
+
+    def result(self) -> dict[str, Any]:
+        d = self.decode_ms
+        return {"variant": self.name, **self.info,
+                "decode_ms_per_token": round(statistics.median(d), 3),
+                "decode_ms_mean": round(statistics.fmean(d), 3),
+                "decode_ms_p10": round(statistics.quantiles(d, n=10)[0], 3),
+                "decode_ms_p90": round(statistics.quantiles(d, n=10)[-1], 3),
+                "prefill_ms": {str(n): round(statistics.median(v), 1) for n, v in self.prefill_ms.items()},
+                "prefill_ms_all": {str(n): [round(x, 1) for x in v] for n, v in self.prefill_ms.items()}}
 
 
-def _engine(name: str, args: argparse.Namespace, ids: list[int], lengths: list[int]) -> dict[str, Any]:
+def _engine(name: str, args: argparse.Namespace, ids: list[int], capacity: int) -> _Runner:
+    import torch
+
     from driftwood.model import load_model
 
     t = time.perf_counter()
     model = load_model(args.model, device=args.device, progress=False, **VARIANTS[name])
     load_s = time.perf_counter() - t
-    session = model.new_session(capacity=max(lengths) + args.decode_tokens + PROMPT_TOKENS)
+    session = model.new_session(capacity=capacity)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     t = time.perf_counter()  # warm-up, including any compilation
     session.prefill(ids[:PROMPT_TOKENS])
     for i in range(3):
         session.decode(ids[PROMPT_TOKENS + i])
+    sync()
     warmup_s = time.perf_counter() - t
-
-    def sync() -> None:
-        if model.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-
-    result = _measure(lambda x: (session.prefill(x), sync()), lambda tok: (session.decode(tok), sync()),
-                      session.reset, ids, lengths, args.decode_tokens, args.repeats)
-    return {"variant": name, "dtype": str(model.dtype).removeprefix("torch."),
-            "weights": model.weights, "compiled": model.compiled, "load_s": round(load_s, 2),
-            "warmup_s": round(warmup_s, 2), **result}
+    info = {"dtype": str(model.dtype).removeprefix("torch."), "weights": model.weights,
+            "compiled": model.compiled, "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2)}
+    return _Runner(name, lambda x: (session.prefill(x), sync()), lambda tok: (session.decode(tok), sync()),
+                   session.reset, info)
 
 
-def _llama_cpp(args: argparse.Namespace, ids: list[int], lengths: list[int]) -> dict[str, Any] | None:
+def _llama_cpp(args: argparse.Namespace, ids: list[int], capacity: int) -> _Runner | None:
+    from driftwood.bench.report import progress
+
     try:
         import llama_cpp
     except ImportError:
-        from driftwood.bench.report import progress
-
-        progress("llama.cpp: llama_cpp not importable, skipped (pip install 'driftwood[bench]')")
+        progress("llama.cpp: llama_cpp is not importable, skipped (pip install 'driftwood[bench]')")
         return None
     from driftwood.model.registry import resolve
 
     t = time.perf_counter()
-    llm = llama_cpp.Llama(str(resolve(args.model)), n_threads=args.threads,
-                          n_threads_batch=args.threads, n_ctx=max(lengths) + args.decode_tokens + 64,
-                          n_batch=max(lengths), n_gpu_layers=0, verbose=False)
+    llm = llama_cpp.Llama(str(resolve(args.model)), n_threads=args.threads, n_threads_batch=args.threads,
+                          n_ctx=capacity, n_batch=capacity, n_gpu_layers=0, verbose=False)
     load_s = time.perf_counter() - t
     llm.eval(ids[:PROMPT_TOKENS])  # warm-up
     llm.reset()
-    result = _measure(llm.eval, lambda tok: llm.eval([tok]), llm.reset, ids, lengths,
-                      args.decode_tokens, args.repeats)
-    return {"variant": LLAMA_CPP, "dtype": "ggml", "weights": "gguf", "compiled": None,
-            "llama_cpp_python": llama_cpp.__version__, "load_s": round(load_s, 2), **result}
+    info = {"dtype": "ggml", "weights": "gguf", "compiled": None, "load_s": round(load_s, 2),
+            "llama_cpp_python": llama_cpp.__version__}
+    return _Runner(LLAMA_CPP, llm.eval, lambda tok: llm.eval([tok]), llm.reset, info)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    if args.device.startswith("cuda"):
+        return run_cuda(args)
     import torch
 
     from driftwood.bench.report import default_path, environment, format_table, progress, write_json
+    from driftwood.errors import DriftwoodError
+    from driftwood.model.gguf import GGUFFile
+    from driftwood.model.registry import resolve
+    from driftwood.model.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.prefill_lengths.split(",")]
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS and v != LLAMA_CPP]
     if unknown:
-        from driftwood.errors import DriftwoodError
-
-        raise DriftwoodError(f"unknown variant(s) {', '.join(unknown)}")
+        raise DriftwoodError(f"unknown variant(s): {', '.join(unknown)}")
     env = environment(args.device)
     env["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    from driftwood.model.gguf import GGUFFile
-    from driftwood.model.registry import resolve
-    from driftwood.model.tokenizer import Tokenizer
-
+    need = max(lengths) + PROMPT_TOKENS + args.decode_tokens
+    capacity = need + 16
     with GGUFFile(resolve(args.model)) as f:
-        ids = _prompt(Tokenizer.from_gguf(f.metadata), max(lengths) + PROMPT_TOKENS + args.decode_tokens)
-    rows = []
+        tokenizer = Tokenizer.from_gguf(f.metadata)
+    ids: list[int] = []
+    while len(ids) < need:
+        ids += tokenizer.encode(TEXT, add_bos=False)
+
+    runners = []
     for name in names:
+        progress(f"loading {name}")
         if name == LLAMA_CPP:
-            row = _llama_cpp(args, ids, lengths) if args.device == "cpu" else None
+            runner = _llama_cpp(args, ids, capacity) if args.device == "cpu" else None
         else:
-            row = _engine(name, args, ids, lengths)
-        if row is not None:
-            rows.append(row)
-            progress(f"{name}: decode {row['decode_ms_per_token']:.2f} ms/token, prefill "
-                     + ", ".join(f"{k}: {v:.0f} ms" for k, v in row["prefill_ms"].items()))
+            runner = _engine(name, args, ids, capacity)
+        if runner is not None:
+            runners.append(runner)
+    for r in range(args.rounds):
+        for runner in runners:
+            runner.round(ids, lengths, args.decode_tokens)
+            progress(f"round {r + 1}/{args.rounds} {runner.name}: decode "
+                     f"{statistics.median(runner.decode_ms[-args.decode_tokens:]):.2f} ms/token")
+    rows = [runner.result() for runner in runners]
 
     flat = [{**r, **{f"prefill_{k}": v for k, v in r["prefill_ms"].items()}} for r in rows]
     print(format_table(flat, [("variant", "variant"), ("decode_ms_per_token", "decode ms/token"),
@@ -168,8 +179,228 @@ def run(args: argparse.Namespace) -> int:
     path = write_json({
         "benchmark": "decode", "environment": env, "model": args.model,
         "settings": {"threads": args.threads, "prompt_tokens": PROMPT_TOKENS,
-                     "decode_tokens": args.decode_tokens, "prefill_lengths": lengths,
-                     "repeats": args.repeats},
+                     "decode_tokens_per_round": args.decode_tokens, "prefill_lengths": lengths,
+                     "rounds": args.rounds},
+        "results": rows,
+    }, args.json_path or default_path("decode", args.device, env))
+    progress(f"wrote {path}")
+    return 0
+
+
+# ---- CUDA: the GPU fast path against the eager paths and transformers (docs/gpu.md) ----
+
+# name -> (load_model keyword arguments, how the one-token step runs, prediction written
+# before the first measurement on the H100)
+CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "graphs": ({}, {}, "Q4_0 ~0.45 ms/token (0.7 GB at ~2.5 TB/s plus ~150 kernels in a graph); "
+               "BF16 ~1.05 ms (2.5 GB, cuBLAS GEMV); batch 64 ~30x batch 1"),
+    "graphs-triton-dense": ({"weights": "dense"}, {"dense": "triton"},
+                            "BF16 only: the Triton GEMV on dense weights, within 10% of cuBLAS"),
+    "fused-eager": ({}, {"capture": False}, "the same kernels launched from Python: ~+1 ms of "
+                    "launch overhead (~150 launches at ~7 us)"),
+    "torch-eager": ({"graphs": False, "weights": "dense"}, {}, "the eager torch path on dense "
+                    "weights: ~400 small ops, launch-bound at ~8-15 ms/token"),
+}
+
+
+def _sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    import torch
+
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return 2 * nbytes / (statistics.median(times[3:]) * 1e-3) / 1e9
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes a batch-1 step reads of the weights: every layer's matrices and norms, the final
+    norm and the head (of the embedding table only one row)."""
+    t = model.transformer
+    mods = [*t.layers, t.output]
+    total = sum(x.numel() * x.element_size() for m in mods for x in [*m.parameters(), *m.buffers()])
+    return total + t.norm.numel() * t.norm.element_size()
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int], lengths: list[int],
+                  batches: list[int]) -> dict[str, Any]:
+    import torch
+
+    from driftwood.model import load_model
+    from driftwood.model.cuda.decoder import TritonOps
+
+    load_kw, step_kw, prediction = CUDA_VARIANTS[name]
+    t = time.perf_counter()
+    model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
+    if "dense" in step_kw:
+        model.decode_ops = TritonOps(step_kw["dense"])
+    if step_kw.get("capture") is False:
+        model.graph_capture = False
+    row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,
+                           "graphs": model.graphs, "capture": model.graph_capture,
+                           "load_s": round(time.perf_counter() - t, 2), "prediction": prediction,
+                           "weight_bytes_per_step": decode_weight_bytes(model)}
+    n = args.decode_tokens
+    cap = max(lengths) + PROMPT_TOKENS + n + 16
+    with torch.inference_mode():
+        s = model.new_session(capacity=cap)
+        t = time.perf_counter()
+        s.prefill(ids[:PROMPT_TOKENS])
+        for i in range(3):
+            s.decode(ids[PROMPT_TOKENS + i])
+        _sync()
+        row["warmup_s"] = round(time.perf_counter() - t, 2)
+        per_token: list[float] = []
+        streamed: list[float] = []
+        prefill: dict[int, list[float]] = {}
+        for _ in range(args.rounds):
+            s.reset()
+            s.prefill(ids[:PROMPT_TOKENS])
+            for i in range(n):  # synchronized after every token: the latency a caller sees
+                per_token.append(_time_ms(lambda i=i: s.decode(ids[PROMPT_TOKENS + i])))
+            s.reset()
+            s.prefill(ids[:PROMPT_TOKENS])
+            streamed.append(_time_ms(lambda: [s.decode(ids[PROMPT_TOKENS + i]) for i in range(n)]) / n)
+            if name in ("graphs", "torch-eager"):
+                for m in lengths:
+                    s.reset()
+                    prefill.setdefault(m, []).append(_time_ms(lambda m=m: s.prefill(ids[:m])))
+        row["decode_ms_per_token"] = round(statistics.median(per_token), 4)
+        row["decode_ms_p10"] = round(statistics.quantiles(per_token, n=10)[0], 4)
+        row["decode_ms_p90"] = round(statistics.quantiles(per_token, n=10)[-1], 4)
+        row["decode_ms_per_token_unsynced"] = round(statistics.median(streamed), 4)
+        row["prefill_ms"] = {str(m): round(statistics.median(v), 2) for m, v in prefill.items()}
+        s.close()
+        if name == "graphs" or (name == "torch-eager" and args.decode_tokens):
+            tps: dict[str, float] = {}
+            for B in batches if name == "graphs" else batches[:2]:
+                batch = model.new_batch(B, capacity=PROMPT_TOKENS + 8 + n + 8)
+                for b in range(B):  # different lengths: 24 to 31 prompt tokens
+                    batch.prefill(b, ids[b % 8 : b % 8 + PROMPT_TOKENS + b % 8])
+                last = [ids[PROMPT_TOKENS + b] for b in range(B)]
+                batch.decode(last)  # capture
+                steps = min(n, 32)
+                ms = _time_ms(lambda batch=batch, last=last, steps=steps: [batch.decode(last) for _ in range(steps)])
+                tps[str(B)] = round(B * steps / (ms * 1e-3), 1)
+                del batch
+            row["aggregate_tokens_per_s"] = tps
+    del model
+    torch.cuda.empty_cache()
+    return row
+
+
+def _peer(path: str, ids: list[int], lengths: list[int], n: int, rounds: int) -> dict[str, Any]:
+    """transformers' LlamaForCausalLM (eager attention, bfloat16) on the same weights."""
+    import torch
+    import transformers
+
+    from driftwood.model.reference import hf_model
+
+    hf = hf_model(path, dtype=torch.bfloat16, device="cuda")
+    row: dict[str, Any] = {"variant": "transformers-eager", "file": os.path.basename(path),
+                           "transformers": transformers.__version__}
+    x = torch.tensor([ids[:PROMPT_TOKENS]], device="cuda")
+    kw = {"do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        hf.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        one, many = [], []
+        for _ in range(rounds):
+            one.append(_time_ms(lambda: hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)))
+            many.append(_time_ms(lambda: hf.generate(x, max_new_tokens=n + 1, min_new_tokens=n + 1, **kw)))
+        row["decode_ms_per_token"] = round((statistics.median(many) - statistics.median(one)) / n, 3)
+        prefill = {}
+        for m in lengths:
+            xm = torch.tensor([ids[:m]], device="cuda")
+            hf(xm, logits_to_keep=1)
+            prefill[str(m)] = round(statistics.median(_time_ms(lambda xm=xm: hf(xm, logits_to_keep=1))
+                                                      for _ in range(rounds)), 2)
+        row["prefill_ms"] = prefill
+    hf = None  # free the GPU memory before the next model
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_cuda(args: argparse.Namespace) -> int:
+    """Every variant of every file, plus the copy bandwidth and the transformers peer."""
+    import torch
+
+    from driftwood.bench.report import default_path, environment, format_table, progress, write_json
+    from driftwood.model.gguf import GGUFFile
+    from driftwood.model.registry import resolve
+    from driftwood.model.tokenizer import Tokenizer
+
+    lengths = [int(x) for x in args.prefill_lengths.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    paths = [str(resolve(m.strip())) for m in args.model.split(",") if m.strip()]
+    names = [v.strip() for v in args.variants.split(",") if v.strip() in CUDA_VARIANTS] or ["graphs"]
+    env = environment(args.device)
+    env["gpu_copy_bandwidth_gb_s"] = round(copy_bandwidth(), 1)
+    progress(f"device copy bandwidth {env['gpu_copy_bandwidth_gb_s']} GB/s")
+    with GGUFFile(paths[0]) as f:
+        tokenizer = Tokenizer.from_gguf(f.metadata)
+    need = max(lengths) + PROMPT_TOKENS + args.decode_tokens + 16
+    ids: list[int] = []
+    while len(ids) < need:
+        ids += tokenizer.encode(TEXT, add_bos=False)
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        dense_file = "bf16" in os.path.basename(path) or "f16" in os.path.basename(path)
+        for name in names:
+            if name == "graphs-triton-dense" and not dense_file:
+                continue
+            progress(f"{os.path.basename(path)}: {name}")
+            try:
+                row = _cuda_variant(path, name, args, ids, lengths, batches)
+            except Exception as exc:  # a failing variant is recorded, the others still run
+                row = {"variant": name, "file": os.path.basename(path), "error": f"{type(exc).__name__}: {exc}"}
+                torch.cuda.empty_cache()
+            if "weight_bytes_per_step" in row:
+                floor = row["weight_bytes_per_step"] / (env["gpu_copy_bandwidth_gb_s"] * 1e9) * 1e3
+                row["floor_ms_per_token"] = round(floor, 4)
+            progress(f"  {row}")
+            rows.append(row)
+        if args.peer and dense_file:
+            progress(f"{os.path.basename(path)}: transformers")
+            try:
+                rows.append(_peer(path, ids, lengths, args.decode_tokens, args.rounds))
+            except Exception as exc:
+                rows.append({"variant": "transformers-eager", "file": os.path.basename(path),
+                             "error": f"{type(exc).__name__}: {exc}"})
+            progress(f"  {rows[-1]}")
+    flat = []
+    for r in rows:
+        agg = r.get("aggregate_tokens_per_s", {})
+        flat.append({**r, **{f"prefill_{k}": v for k, v in r.get("prefill_ms", {}).items()},
+                     **{f"tps_{k}": v for k, v in agg.items()}})
+    print(format_table(flat, [("file", "file"), ("variant", "variant"),
+                              ("decode_ms_per_token", "ms/token"), ("floor_ms_per_token", "floor"),
+                              *[(f"prefill_{m}", f"prefill {m}") for m in lengths],
+                              *[(f"tps_{b}", f"tok/s B={b}") for b in batches], ("error", "error")]))
+    path = write_json({
+        "benchmark": "decode", "environment": env, "models": [os.path.basename(p) for p in paths],
+        "settings": {"prompt_tokens": PROMPT_TOKENS, "decode_tokens_per_round": args.decode_tokens,
+                     "prefill_lengths": lengths, "batches": batches, "rounds": args.rounds},
         "results": rows,
     }, args.json_path or default_path("decode", args.device, env))
     progress(f"wrote {path}")

@@ -31,7 +31,14 @@ from driftwood.model.tokenizer import Tokenizer
 from driftwood.model.weights import FORMATS, DenseLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation and mask memory
+# tokens per prefill forward: bounds activation and mask memory (the GPU has room for more)
+PREFILL_CHUNK = {"cpu": 512, "cuda": 4096}
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -45,9 +52,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def fast_cpu() -> bool:
+    """Whether this CPU runs the quantized bfloat16 path well (AVX-512, as measured)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cpu" and not fast_cpu():
+            return torch.float32
+        return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ModelError(f"unsupported compute dtype {dtype}")
@@ -97,6 +111,9 @@ class Model:
         self.weights = weights
         self.decode_fn = transformer.hidden  # replaced by a compiled step when asked for
         self.compiled = False
+        self.graphs = False  # one-token steps through driftwood.model.cuda's graphs
+        self.graph_capture = True  # False: the same fused step, launched eagerly (for checks)
+        self.decode_ops = None  # the step's operations (None: driftwood.model.cuda's default)
 
     @property
     def default_capacity(self) -> int:
@@ -106,6 +123,16 @@ class Model:
         """A fresh sequence with room for ``capacity`` tokens (default: min(context, 4096))."""
         return Session(self, capacity or self.default_capacity, seed)
 
+    def new_batch(self, batch: int, capacity: int | None = None) -> Batch:
+        """``batch`` sequences that decode together, each at its own position (see :class:`Batch`)."""
+        return Batch(self, batch, capacity or self.default_capacity)
+
+    def decoder(self, cache: KVCache):
+        """The CUDA-graph step over ``cache`` (:class:`driftwood.model.cuda.decoder.GraphDecoder`)."""
+        from driftwood.model.cuda.decoder import GraphDecoder
+
+        return GraphDecoder(self.transformer, cache, graphs=self.graph_capture, ops=self.decode_ops)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layers, batch, c.n_kv_heads, capacity, c.head_dim,
@@ -114,6 +141,22 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.path.name}, {self.config.n_layers} layers, {self.device}, "
                 f"{str(self.dtype).removeprefix('torch.')}, weights={self.weights})")
+
+
+def prefill_rows(model: Model, cache: KVCache, ids: Sequence[int], start: int) -> torch.Tensor:
+    """Run ``ids`` at positions ``start..`` through one sequence's cache (batch 1) in chunks;
+    the last position's logits, (vocab,) float32."""
+    t = model.transformer
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+    chunk_len = PREFILL_CHUNK.get(model.device.type, 512)
+    x = None
+    for i in range(0, len(ids), chunk_len):
+        chunk = tokens[:, i : i + chunk_len]
+        p = start + i
+        pos = torch.arange(p, p + chunk.shape[1], device=chunk.device)[None]
+        x = t.hidden(chunk, pos, cache, p + chunk.shape[1])
+    assert x is not None
+    return t.output(x[0, -1]).float()
 
 
 class Session:
@@ -128,6 +171,7 @@ class Session:
         self.tokens: list[int] = []
         self.cache: KVCache | None = model.new_cache(1, capacity)
         self.generator = new_generator(seed)
+        self._decoder = None  # the graph step over this cache, made at the first decode
 
     @property
     def position(self) -> int:
@@ -139,30 +183,27 @@ class Session:
         return self.cache
 
     def _check(self, ids: Sequence[int]) -> torch.Tensor:
+        self._validate(ids)
+        return torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
+
+    def _validate(self, ids: Sequence[int]) -> None:
         if self.position + len(ids) > self.capacity:
             raise ContextFull(f"{self.position} + {len(ids)} tokens exceed the session's "
                               f"capacity of {self.capacity}")
         vocab = self.model.config.vocab_size
         if any(not 0 <= i < vocab for i in ids):
             raise ValueError(f"token id out of range [0, {vocab})")
-        return torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Append ``ids``; return the logits after the last one, (vocab,) float32."""
         if not ids:
             raise ValueError("prefill needs at least one token")
-        cache, tokens = self._cache(), self._check(ids)
-        t = self.model.transformer
-        x = None
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            chunk = tokens[:, i : i + PREFILL_CHUNK]
-            start = self.position
-            pos = torch.arange(start, start + chunk.shape[1], device=chunk.device)[None]
-            x = t.hidden(chunk, pos, cache, start + chunk.shape[1])
-            self.tokens.extend(ids[i : i + PREFILL_CHUNK])
-        assert x is not None
-        return t.output(x[0, -1]).float()
+        cache = self._cache()
+        self._check(ids)
+        logits = prefill_rows(self.model, cache, ids, self.position)
+        self.tokens.extend(ids)
+        return logits
 
     @torch.inference_mode()
     def decode(self, token: int, *, logits_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +213,16 @@ class Session:
         projection writes into it and it is returned: directly when the head is a float32
         matrix, else through one conversion from the compute dtype.
         """
-        cache, tokens = self._cache(), self._check([token])
+        cache = self._cache()
+        if self.model.graphs:
+            self._validate([token])
+            if self._decoder is None:
+                self._decoder = self.model.decoder(cache)
+            logits = self._decoder([token], [self.position])[0]  # the graph's output buffer
+            cache.offset = self.position + 1
+            self.tokens.append(token)
+            return logits.clone() if logits_out is None else logits_out.copy_(logits)
+        tokens = self._check([token])
         pos = torch.tensor([[self.position]], device=self.model.device)
         x = self.model.decode_fn(tokens, pos, cache, self.position + 1)[0, 0]  # (dim,)
         self.tokens.append(token)
@@ -256,6 +306,7 @@ class Session:
     def close(self) -> None:
         """Free the cache; the session cannot be used afterwards."""
         self.cache = None
+        self._decoder = None
         self.tokens = []
 
     def __enter__(self) -> Session:
@@ -265,6 +316,77 @@ class Session:
         self.close()
 
 
+class Batch:
+    """``batch`` sequences in one KV cache that decode together, each at its own position:
+    the basis for serving many actors at once. ``tokens[b]`` is row b's history.
+
+    ``prefill(row, ids)`` appends a prompt to one row; ``decode(tokens)`` appends one token to
+    every row (``tokens[b]`` to row b) in one step and returns the next logits of every row,
+    (batch, vocab) float32. On CUDA the step is a CUDA graph per batch-size bucket.
+    """
+
+    def __init__(self, model: Model, batch: int, capacity: int) -> None:
+        if batch <= 0 or capacity <= 0:
+            raise ValueError("batch and capacity must be positive")
+        self.model, self.batch, self.capacity = model, batch, capacity
+        rows = batch
+        if model.graphs:
+            from driftwood.model.cuda.decoder import bucket
+
+            rows = bucket(batch)  # padding rows for the captured bucket sizes
+        self.cache = model.new_cache(rows, capacity)
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self._decoder = model.decoder(self.cache) if model.graphs else None
+
+    @property
+    def positions(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    def _check(self, row: int, n: int, ids: Sequence[int]) -> None:
+        if len(self.tokens[row]) + n > self.capacity:
+            raise ContextFull(f"row {row}: {len(self.tokens[row])} + {n} tokens exceed the "
+                              f"capacity of {self.capacity}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"token id out of range [0, {vocab})")
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: Sequence[int]) -> torch.Tensor:
+        """Append ``ids`` to row ``row``; the logits after the last one, (vocab,) float32."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self._check(row, len(ids), ids)
+        logits = prefill_rows(self.model, self.cache.rows(row, row + 1), ids, len(self.tokens[row]))
+        self.tokens[row].extend(ids)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append ``tokens[b]`` to every row b; the next logits, (batch, vocab) float32."""
+        if len(tokens) != self.batch:
+            raise ValueError(f"decode takes one token per row ({self.batch}), got {len(tokens)}")
+        for b, tok in enumerate(tokens):
+            self._check(b, 1, [tok])
+        positions = self.positions
+        if self._decoder is not None:
+            logits = self._decoder(tokens, positions).clone()
+        else:
+            dev = self.model.device
+            ids = torch.tensor(list(tokens), device=dev)[:, None]  # (B, 1)
+            pos = torch.tensor(positions, device=dev)[:, None]
+            t = self.model.transformer
+            x = t.hidden(ids, pos, self.cache.rows(0, self.batch), max(positions) + 1)
+            logits = t.output(x[:, 0]).float()
+        for b, tok in enumerate(tokens):
+            self.tokens[b].append(tok)
+        return logits
+
+    def reset(self, row: int | None = None) -> None:
+        """Forget row ``row``'s tokens (every row's if None); the cache memory is kept."""
+        for b in range(self.batch) if row is None else [row]:
+            self.tokens[b] = []
+
+
 def load_model(
     spec: str,
     *,
@@ -272,19 +394,32 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     weights: str = "auto",
-    compile: bool = False,
+    compile: bool | None = False,
+    graphs: bool | None = None,
 ) -> Model:
     """Load a model: ``spec`` is a name (``smollm2``) or a GGUF path.
 
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``. dtype: compute dtype (default
-    float32 on the CPU, bfloat16 on CUDA). weights: ``dense``, ``quant`` or ``auto`` (see
-    :mod:`driftwood.model.weights`). compile: compile the one-token decode step.
+    bfloat16; float32 on CPUs without AVX-512). weights: ``dense``, ``quant``, ``hybrid`` or
+    ``auto`` (hybrid for bfloat16 on the CPU, else dense; see :mod:`driftwood.model.weights`).
+    compile: compile the one-token decode step (:mod:`driftwood.model.compiled`); worth it for
+    long runs, as compiling costs tens of seconds even with a warm cache. graphs: decode
+    through fused Triton kernels replayed as CUDA graphs (:mod:`driftwood.model.cuda`); default
+    on for bfloat16 on CUDA when Triton is importable, and weights ``auto`` then means ``quant``
+    (Q4_0 and Q8_0 matrices stay quantized on the GPU).
     """
     path = resolve(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if weights == "auto":
-        weights = "dense"
+    if graphs is None:
+        graphs = dev.type == "cuda" and dt == torch.bfloat16 and _has_triton()
+    if graphs and dev.type != "cuda":
+        raise ModelError("graphs=True needs a CUDA device")
+    if weights == "auto":  # the fastest measured (docs/perf-notes-cpu.md, docs/gpu.md)
+        if dev.type == "cpu":
+            weights = "hybrid" if dt == torch.bfloat16 else "dense"
+        else:
+            weights = "quant" if graphs else "dense"
     if weights not in FORMATS:
         raise ModelError(f"unknown weight format {weights!r} (one of {', '.join(FORMATS)})")
     with GGUFFile(path) as gguf:
@@ -298,6 +433,7 @@ def load_model(
             )
     model = Model(transformer, tokenizer, identity=identity, path=path, device=dev, dtype=dt,
                   weights=weights)
+    model.graphs = bool(graphs)
     if compile:
         from driftwood.model.compiled import compile_decode
 

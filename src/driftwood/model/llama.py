@@ -38,16 +38,20 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
 
 
 def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin (B, 1, T, head_dim // 2) for positions (B, T)."""
+    """cos, sin (B, T, 1, head_dim) for positions (B, T): each pair's angle twice, sin signed
+    (-sin, +sin), so that the rotation is ``x * cos + swap_pairs(x) * sin``."""
     angles = pos[..., None].float() * inv_freq  # (B, T, D/2)
-    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = angles.sin()
+    sin = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x (B, H, T, D) by the angles (B, 1, T, D/2)."""
-    pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    """Rotate adjacent pairs ``(2i, 2i + 1)`` of x (B, T, heads, D) by the tables of
+    :func:`rope_angles`: ``(a, b) -> (a cos - b sin, b cos + a sin)``."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) pairs
+    return x * cos + swapped * sin
 
 
 def attention_mask(pos: torch.Tensor, end: int) -> torch.Tensor:
@@ -60,28 +64,18 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, wqkv: nn.Module, wo: nn.Module, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.splits = (config.q_dim, config.kv_dim, config.kv_dim)
+        self.qk_dim = config.q_dim + config.kv_dim
         self.wqkv, self.wo, self.layer = wqkv, wo, layer
 
     def forward(self, x, cos, sin, pos, cache: KVCache, end: int, mask, causal: bool):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.splits, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.update(self.layer, k, v, pos, end)  # (B, Hkv, end, D)
-        if T == 1 and mask is None:
-            # one query per sequence sees every cached key: fold the query heads that share a
-            # KV head into the query-length axis, so no key is repeated
-            qf = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # (B, Hkv, n_rep, D)
-            y = F.scaled_dot_product_attention(qf, keys, values).reshape(B, 1, -1)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
-            )
-            y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.wo(y)
+        qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
+        # RoPE on queries and keys at once: (B, T, H + Hkv, D)
+        qk = apply_rope(qkv[..., : self.qk_dim].view(B, T, -1, self.head_dim), cos, sin)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[..., self.qk_dim :].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self.wo(cache.attend(self.layer, q, k, v, pos, end, mask, causal))
 
 
 class MLP(nn.Module):
@@ -180,8 +174,9 @@ class Transformer(nn.Module):
                 progress(1)
         embd = get("token_embd.weight")
         head = embd if config.tied_embeddings else get("output.weight")
+        head_format = "quant" if weights == "hybrid" else weights  # one row per step
         model = cls(config, Embedding(embd, dtype, device), layers, vector("output_norm.weight"),
-                    linear([head], weights, dtype, device))
+                    linear([head], head_format, dtype, device))
         if progress is not None:
             progress(1)
         return model.eval()

@@ -6,7 +6,12 @@ Formats (``weights=`` of :func:`driftwood.model.load_model`):
 - ``quant``: 4-bit blocks (Q4_0, Q4_1, Q4_K) stay 4-bit and run through torch's int4
   weight-only kernel (same codes, group 32; scales rounded to the compute dtype); other matrices
   are requantized to int8 per output channel for torch's int8 weight-only kernel (lossy). CPU
-  only; elsewhere ``quant`` falls back to ``dense``.
+  only. On CUDA ``quant`` keeps Q4_0 and Q8_0 matrices as their blocks (:class:`BlockLinear`,
+  read directly by the Triton kernels of :mod:`driftwood.model.cuda`); other types are dense.
+- ``hybrid``: ``quant`` for a few tokens at a time (decode), plus a float32 copy of each layer
+  matrix for prompt chunks of ``DENSE_MIN_TOKENS`` or more, where float32 GEMM beats the int4
+  kernel (which reuses nothing across rows). The output head stays ``quant`` only: it runs on
+  one position per step. CPU only.
 
 Token embeddings always stay as the file stores them; looked-up rows are dequantized.
 """
@@ -21,7 +26,8 @@ from torch import nn
 
 from driftwood.model.gguf import GGUFTensor, Q, dequantize_bytes, unpack
 
-FORMATS = ("dense", "quant")
+FORMATS = ("dense", "quant", "hybrid")
+DENSE_MIN_TOKENS = 32  # measured crossover of int4 (bf16) vs float32 GEMM on 2 AVX512 cores
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
 
 
@@ -68,18 +74,102 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.weight.shape[0])
 
 
+class ConcatLinear(nn.Module):
+    """Several linear layers on the same input, outputs concatenated."""
+
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class HybridLinear(nn.Module):
+    """A quantized matrix for few rows, its float32 copy for many."""
+
+    def __init__(self, quant: nn.Module, dense: torch.Tensor) -> None:
+        super().__init__()
+        self.quant = quant
+        self.dense = nn.Parameter(dense, requires_grad=False)  # (N, K) float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] >= DENSE_MIN_TOKENS:
+            return F.linear(x.float(), self.dense).to(x.dtype)
+        return self.quant(x)
+
+
+class BlockLinear(nn.Module):
+    """A Q4_0 or Q8_0 matrix kept as its blocks: ``codes`` and fp16 ``scales`` (N, K / 32).
+
+    Q8_0 codes: (N, K) int8. Q4_0 codes: (N, K / 2) uint8, byte ``16 g + j`` of a row holding
+    column ``32 g + j`` (low nibble) and ``32 g + j + 16`` (high nibble), ``w = scale * (q - 8)``:
+    the file's blocks with the scales moved aside. A few rows at a time run through the Triton
+    GEMV kernel (see :class:`driftwood.model.cuda.decoder.TritonOps`); here, and for prompt
+    chunks, the matrix is dequantized for one product.
+    """
+
+    GEMV_MAX_ROWS = 64
+
+    def __init__(self, parts: Sequence[GGUFTensor], device: torch.device) -> None:
+        super().__init__()
+        qtype = parts[0].qtype
+        self.fmt = qtype.name.lower()
+        self.in_features = parts[0].shape[-1]
+        raw = torch.cat([p.bytes_tensor() for p in parts])  # (N, K / 32 * block bytes)
+        b = raw.view(raw.shape[0], self.in_features // 32, -1)
+        self.out_features = raw.shape[0]
+        codes = b[..., 2:].reshape(raw.shape[0], -1)
+        if qtype == Q.Q8_0:
+            codes = codes.view(torch.int8)
+        self.register_buffer("codes", codes.contiguous().to(device))
+        self.register_buffer("scales", b[..., :2].contiguous().view(torch.float16).squeeze(-1).to(device))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) in ``dtype``, computed in float32."""
+        N, G = self.scales.shape
+        if self.fmt == "q4_0":
+            c = self.codes.view(N, G, 16)
+            q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32) - 8.0  # (N, G, 32)
+        else:
+            q = self.codes.view(N, G, 32).to(torch.float32)
+        return (q * self.scales[..., None].float()).view(N, -1).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.is_cuda and x.dtype == torch.bfloat16 and rows <= self.GEMV_MAX_ROWS:
+            from driftwood.model.cuda import kernels
+
+            fmt = kernels.Q4_0 if self.fmt == "q4_0" else kernels.Q8_0
+            y = kernels.gemv(x.reshape(rows, -1), fmt, self.codes, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+BLOCK_TYPES = frozenset({Q.Q4_0, Q.Q8_0})
+
+
 def linear(
     parts: Sequence[GGUFTensor], fmt: str, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """One linear layer whose output is the parts' outputs concatenated (fused QKV, gate|up)."""
-    if fmt == "quant" and device.type == "cpu":
-        if all(p.qtype in INT4_TYPES for p in parts):
+    if fmt in ("quant", "hybrid") and device.type == "cuda":
+        if parts[0].qtype in BLOCK_TYPES and all(p.qtype == parts[0].qtype for p in parts):
+            return BlockLinear(parts, device)
+        fmt = "dense"
+    if fmt == "hybrid" and device.type == "cpu":
+        dense = torch.cat([p.dequantize(torch.float32) for p in parts])
+        return HybridLinear(linear(parts, "quant", dtype, device), dense)
+    if fmt in ("quant", "hybrid") and device.type == "cpu":
+        int4 = [p.qtype in INT4_TYPES for p in parts]
+        if all(int4):
             blocks = [unpack(p) for p in parts]
-            if all(b.group == 32 for b in blocks):
-                q = torch.cat([b.q for b in blocks])
-                scale = torch.cat([b.scale for b in blocks])
-                offset = torch.cat([b.offset for b in blocks if b.offset is not None])
-                return Int4Linear(q, scale, offset + 8 * scale, dtype)
+            q = torch.cat([b.q for b in blocks])
+            scale = torch.cat([b.scale for b in blocks])
+            offset = torch.cat([b.offset for b in blocks if b.offset is not None])
+            return Int4Linear(q, scale, offset + 8 * scale, dtype)
+        if any(int4):  # e.g. Q4_K_M's Q6_K attn_v beside Q4_K attn_q, attn_k
+            return ConcatLinear([linear([p], "quant", dtype, device) for p in parts])
         return Int8Linear(torch.cat([p.dequantize() for p in parts]), dtype)
     if len(parts) == 1:
         return DenseLinear(parts[0].dequantize(dtype).to(device))

@@ -194,12 +194,14 @@ class ExecutionContext:
             return CONTEXT_FULL
         return SUCCESS
 
-    def end(self) -> None:
-        """A generation stopped: release any bytes the detokenizer held back."""
+    def end(self) -> str:
+        """A generation stopped: release the text the detokenizer held back (an incomplete
+        UTF-8 sequence becomes U+FFFD, as in the output); returns it."""
         self._generator = None
         rest = self._detok.flush()
         self.text += rest
         self.piece += rest
+        return rest
 
     def fini_single(self) -> None:
         self._clear_output()
@@ -507,7 +509,9 @@ class WasiNN(HostModule):
         status: int | None = SUCCESS
         while status == SUCCESS:
             status = ctx.step(check, self.actor.write_stdout, single=False)
-        ctx.end()
+        rest = ctx.end()
+        if ctx.options.stream_stdout and rest:  # what was streamed equals the output
+            self.actor.write_stdout(rest.encode())
         return SUCCESS if status in (None, END_OF_SEQUENCE) else status
 
     @export("compute_single", "u32")

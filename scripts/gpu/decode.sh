@@ -1,0 +1,27 @@
+# Issue 6 on the GPU, in one device call: the batched/graph tests, the kernels against torch,
+# a GEMV block-size sweep, the engine check (CUDA vs CPU float32 vs transformers, graphs vs no
+# graphs) on 2-layer cuts, then `driftwood bench decode --device cuda` on random-weight
+# Llama-3.2-1B GGUFs (BF16, Q4_0, Q8_0) written here in /tmp (nothing large travels).
+# Usage (from the repository root, carry .whl): bash scripts/gpu/decode.sh [bench options]
+set -u
+. scripts/gpu/setup.sh
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+STAGES=${STAGES:-tests,check,bench}
+for d in bf16 q4_0 q8_0; do
+  [ -f /tmp/llama3.2-1b-$d.gguf ] || python3 -m driftwood.model.synthetic --preset llama3.2-1b \
+    --dtype $d -o /tmp/llama3.2-1b-$d.gguf > /dev/null &
+done
+case $STAGES in *tests*)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_batch.py 2>&1 | tee "$OUT/pytest-batch.txt" ;;
+esac
+case $STAGES in *check*)
+  timeout ${CHECK_TIMEOUT:-150} python3 scripts/gpu_engine_check.py --out "$OUT" --dtypes bf16,q4_0,q8_0 \
+    --tokens 16 ${SWEEP:+--sweep} 2>&1 | tee "$OUT/engine-check.txt" ;;
+esac
+wait
+case $STAGES in *bench*)
+  timeout ${BENCH_TIMEOUT:-240} python3 -m driftwood.cli.main bench decode --device cuda \
+    --model /tmp/llama3.2-1b-bf16.gguf,/tmp/llama3.2-1b-q4_0.gguf,/tmp/llama3.2-1b-q8_0.gguf \
+    --variants graphs,graphs-triton-dense,fused-eager,torch-eager --prefill-lengths 24,512,4096 \
+    --json "$OUT/decode-cuda.json" "$@" 2>&1 | tee "$OUT/bench.txt" ;;
+esac

@@ -1,0 +1,205 @@
+"""The one-token decode step as a fixed list of fused kernels, replayed as a CUDA graph.
+
+:class:`DecodeStep` runs B sequences, each one token at its own position, over a static KV
+cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
+row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
+product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
+the residual: 8 kernels a layer with :class:`TritonOps`. :class:`TorchOps` computes the same
+functions with torch operations (the CPU, and the reference in tests).
+
+:class:`GraphDecoder` captures the step once per batch-size bucket (1, 2, 4, ... rows of the
+cache) with the token ids and positions in a static device buffer, so a step costs one host
+to device copy of 2 B integers and one graph launch: Python is off the critical path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from driftwood.model.llama import apply_rope, rms_norm
+from driftwood.model.weights import BlockLinear, DenseLinear
+
+if TYPE_CHECKING:
+    from driftwood.model.cache import KVCache
+    from driftwood.model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket(n: int) -> int:
+    """The smallest captured batch size that holds ``n`` rows."""
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"at most {BUCKETS[-1]} sequences step together, not {n}")
+
+
+class TorchOps:
+    """The step's operations in plain torch: (M, ·) rows, any device."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def linear(self, x: torch.Tensor, layer: torch.nn.Module, *, residual: torch.Tensor | None = None,
+               glu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if glu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = layer(x)
+        if residual is not None:
+            y = residual + y
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+        B = qkv.shape[0]
+        angles = pos[:, None].float() * inv_freq  # (B, D/2)
+        cos = angles.cos().repeat_interleave(2, dim=-1)[:, None].to(qkv.dtype)
+        sin = angles.sin()
+        sin = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None].to(qkv.dtype)
+        qk = apply_rope(qkv[:, : (n_heads + n_kv_heads) * head_dim].view(B, -1, head_dim), cos, sin)
+        rows = torch.arange(B, device=qkv.device)
+        k_cache[rows, :, pos] = qk[:, n_heads:]  # (B, Hkv, D) at (row, :, pos[row])
+        v_cache[rows, :, pos] = qkv[:, (n_heads + n_kv_heads) * head_dim :].view(B, n_kv_heads, head_dim)
+        return qk[:, :n_heads]
+
+    def attention(self, q, k_cache, v_cache, pos):
+        B, H, D = q.shape
+        Hkv, cap = k_cache.shape[1], k_cache.shape[2]
+        mask = torch.arange(cap, device=q.device)[None, :] <= pos[:, None]  # (B, cap)
+        qf = q.view(B, Hkv, H // Hkv, D)  # query heads that share a KV head as query rows
+        y = F.scaled_dot_product_attention(qf, k_cache[:B], v_cache[:B], attn_mask=mask[:, None, None])
+        return y.reshape(B, H * D)
+
+
+class TritonOps(TorchOps):
+    """The step's operations as the Triton kernels of :mod:`driftwood.model.cuda.kernels`.
+
+    ``dense``: how dense matrices run for more than one row, ``"cublas"`` (torch.mm, then the
+    residual added) or ``"triton"`` (the gemv kernel); one row always takes the gemv kernel,
+    whose fused residual and SiLU measured 1.34 against 1.43 ms/token (docs/gpu.md).
+    """
+
+    def __init__(self, dense: str = "cublas") -> None:
+        from driftwood.model.cuda import kernels
+
+        self.k = kernels
+        self.dense = dense
+
+    def rms_norm(self, x, weight, eps):
+        return self.k.rms_norm(x, weight, eps)
+
+    def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None):
+        k = self.k
+        if isinstance(layer, BlockLinear) and x.shape[0] <= 64:
+            fmt = k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0
+            return k.gemv(x, fmt, layer.codes, layer.scales, residual=residual, glu=glu,
+                          out=residual, out_dtype=out_dtype)
+        if isinstance(layer, DenseLinear) and (self.dense == "triton" or x.shape[0] == 1) and x.shape[0] <= 64:
+            return k.gemv(x, k.DENSE, layer.weight, None, residual=residual, glu=glu, out=residual,
+                          out_dtype=out_dtype)
+        return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
+
+    def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+        return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+
+    def attention(self, q, k_cache, v_cache, pos):
+        return self.k.attention(q, k_cache, v_cache, pos)
+
+
+class DecodeStep:
+    """One token for each of B sequences: ``step(tokens, pos, k, v) -> logits (B, vocab)``
+    float32, where tokens, pos are (B,) int64 on the device and k, v the KV cache tensors
+    (n_layers, rows >= B, n_kv_heads, capacity, head_dim); row b's key and value are written
+    at ``pos[b]`` and it attends to positions ``[0, pos[b]]``."""
+
+    def __init__(self, transformer: Transformer, ops: TorchOps) -> None:
+        self.t, self.ops = transformer, ops
+        c = transformer.config
+        self.dims = (c.n_heads, c.n_kv_heads, c.head_dim)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t, ops = self.t, self.ops
+        B = tokens.shape[0]
+        x = t.embed(tokens)  # (B, dim)
+        for i, layer in enumerate(t.layers):
+            h = ops.rms_norm(x, layer.attn_norm, layer.eps)
+            qkv = ops.linear(h, layer.attn.wqkv)  # (B, (H + 2 Hkv) D)
+            q = ops.rope_store(qkv, pos, t.inv_freq, k[i, :B], v[i, :B], *self.dims)  # (B, H, D)
+            a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
+            x = ops.linear(a, layer.attn.wo, residual=x)
+            h = ops.rms_norm(x, layer.ffn_norm, layer.eps)
+            gu = ops.linear(h, layer.mlp.w13)  # (B, 2 ffn)
+            x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
+        h = ops.rms_norm(x, t.norm, t.config.norm_eps)
+        return ops.linear(h, t.output, out_dtype=torch.float32)
+
+
+def default_ops(device: torch.device, dense: str = "cublas") -> TorchOps:
+    return TritonOps(dense) if device.type == "cuda" else TorchOps()
+
+
+class GraphDecoder:
+    """Decode steps over one KV cache, each batch-size bucket captured as a CUDA graph on first
+    use (``graphs=False``, or a CPU cache: the same step run eagerly).
+
+    ``decoder(tokens, positions)`` steps rows ``[0, len(tokens))``; rows up to the bucket's
+    size are padding (token 0 at position 0 of rows nobody uses). Returns the logits
+    (len(tokens), vocab) float32 in a buffer that the next call overwrites.
+    """
+
+    def __init__(self, transformer: Transformer, cache: KVCache, *, graphs: bool = True,
+                 ops: TorchOps | None = None) -> None:
+        self.cache = cache
+        self.device = cache.k.device
+        self.step = DecodeStep(transformer, ops or default_ops(self.device))
+        self.graphs_enabled = graphs and self.device.type == "cuda"
+        self.io = torch.zeros(2, cache.batch, dtype=torch.int64, device=self.device)  # tokens; positions
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        n = len(tokens)
+        rows = bucket(n) if self.graphs_enabled else n
+        if rows > self.cache.batch:
+            raise ValueError(f"{n} sequences do not fit the cache's {self.cache.batch} rows")
+        pad = rows - n
+        host = torch.tensor([list(tokens) + [0] * pad, list(positions) + [0] * pad], dtype=torch.int64)
+        io = self.io[:, :rows]
+        io.copy_(host, non_blocking=True)
+        if not self.graphs_enabled:
+            return self.step(io[0], io[1], self.cache.k, self.cache.v)
+        if rows not in self.graphs:
+            self.graphs[rows] = self._capture(rows)
+            io.copy_(host)
+        graph, out = self.graphs[rows]
+        graph.replay()
+        return out[:n]
+
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up (compiling the kernels) and capture the step for ``rows`` rows. The warm-up
+        runs write at the last position of the rows; what was there is put back."""
+        k, v = self.cache.k, self.cache.v
+        saved = k[:, :rows, :, -1].clone(), v[:, :rows, :, -1].clone()
+        io = self.io[:, :rows]
+        io[0].fill_(0)
+        io[1].fill_(self.cache.capacity - 1)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(io[0], io[1], k, v)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.step(io[0], io[1], k, v)
+        self.pool = graph.pool()
+        k[:, :rows, :, -1] = saved[0]
+        v[:, :rows, :, -1] = saved[1]
+        return graph, out

@@ -1,0 +1,121 @@
+"""Batched decode (sequences of different lengths stepping together) and the fused decode step
+of driftwood.model.cuda, on the CPU against single-sequence decode; the Triton kernels under
+Triton's interpreter when Triton is installed; graphs against the eager step on CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from driftwood.model import load_model
+from driftwood.model.cuda.decoder import DecodeStep, GraphDecoder, TorchOps, bucket
+from driftwood.model.gguf import GGUFFile, Q, dequantize_bytes
+from driftwood.model.weights import BlockLinear
+from tests.model.conftest import TINY_LLAMA3
+
+PROMPTS = [[5, 17, 99, 3], [42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201]]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    return load_model(str(tiny_gguf("q4_0", TINY_LLAMA3)), device="cpu", dtype="float32", progress=False)
+
+
+def single(model, prompt, steps):
+    """Logits after the prompt and after each of ``steps`` greedy tokens, one sequence."""
+    s = model.new_session(capacity=64)
+    out = [s.prefill(prompt)]
+    for _ in range(steps):
+        out.append(s.decode(int(out[-1].argmax())))
+    return torch.stack(out)
+
+
+def test_batch_decode_matches_single_sequences(model):
+    batch = model.new_batch(len(PROMPTS), capacity=64)
+    logits = [[batch.prefill(b, p)] for b, p in enumerate(PROMPTS)]
+    assert batch.positions == [len(p) for p in PROMPTS]
+    for _ in range(4):
+        step = batch.decode([int(row[-1].argmax()) for row in logits])
+        assert step.shape == (len(PROMPTS), model.config.vocab_size)
+        for b in range(len(PROMPTS)):
+            logits[b].append(step[b])
+    for b, p in enumerate(PROMPTS):
+        torch.testing.assert_close(torch.stack(logits[b]), single(model, p, 4), rtol=1e-4, atol=1e-4)
+    batch.reset(1)
+    assert batch.positions[1] == 0
+    with pytest.raises(ValueError):
+        batch.decode([1])
+
+
+def test_fused_step_matches_eager(model):
+    """The step GraphDecoder captures, run with torch ops: per-row positions, padding rows."""
+    cache = model.new_cache(bucket(3), 64)
+    eager = model.new_batch(3, capacity=64)
+    for b, p in enumerate(PROMPTS):
+        eager.prefill(b, p)
+    cache.k[:, :3].copy_(eager.cache.k)
+    cache.v[:, :3].copy_(eager.cache.v)
+    dec = GraphDecoder(model.transformer, cache, graphs=False, ops=TorchOps())
+    pos = eager.positions
+    fused = dec([1, 2, 3], pos)
+    want = eager.decode([1, 2, 3])
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.k[:, :3], eager.cache.k, rtol=1e-5, atol=1e-5)
+    assert isinstance(dec.step, DecodeStep)
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_block_linear_keeps_the_file_blocks(tiny_gguf, dtype):
+    with GGUFFile(tiny_gguf(dtype, TINY_LLAMA3)) as f:
+        parts = [f.tensors["blk.0.attn_q.weight"], f.tensors["blk.0.attn_k.weight"]]
+        lin = BlockLinear(parts, torch.device("cpu"))
+        want = torch.cat([dequantize_bytes(p.bytes_tensor(), p.qtype, p.shape[-1], torch.float32)
+                          for p in parts])
+        assert parts[0].qtype == {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0}[dtype]
+    assert lin.codes.dtype == (torch.uint8 if dtype == "q4_0" else torch.int8)
+    assert lin.codes.numel() == want.numel() // (2 if dtype == "q4_0" else 1)
+    torch.testing.assert_close(lin.dequantize(torch.float32), want, rtol=0, atol=0)
+    x = torch.randn(3, want.shape[1])
+    torch.testing.assert_close(lin(x), x @ want.t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, test_kernels_on_cuda runs them")
+def test_kernels_under_the_interpreter():
+    """Each Triton kernel against its torch counterpart on tiny shapes (TRITON_INTERPRET=1)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tests.model.kernel_check import main; main()"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+@needs_cuda
+@needs_triton
+def test_kernels_on_cuda():
+    from tests.model.kernel_check import main
+
+    main("cuda")
+
+
+@needs_cuda
+@needs_triton
+def test_graphs_match_the_eager_fused_step(tiny_gguf):
+    m = load_model(str(tiny_gguf("q4_0", TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
+    assert m.graphs and m.weights == "quant"
+    batch = m.new_batch(3, capacity=128)
+    for b, p in enumerate(PROMPTS):
+        batch.prefill(b, p)
+    eager = GraphDecoder(m.transformer, batch.cache, graphs=False)
+    saved = batch.cache.k.clone(), batch.cache.v.clone()
+    want = eager([1, 2, 3], batch.positions).clone()
+    batch.cache.k.copy_(saved[0])
+    batch.cache.v.copy_(saved[1])
+    got = batch.decode([1, 2, 3])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
