@@ -3,7 +3,7 @@
 
 Docs mark generated regions with ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->``; each
 region is replaced by the table that ``RENDERERS[NAME]`` makes from the newest result per
-device in ``benchmarks/results/``. Run after committing new results:
+device in ``benchmarks/results/`` (``NAME-cpu`` or ``NAME-cuda``: that device's only). Run after committing new results:
 
     python scripts/render_docs.py          # rewrite docs in place
     python scripts/render_docs.py --check  # exit 1 if a doc is out of date (tests use this)
@@ -123,7 +123,45 @@ def render_boundary(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_decode(results: list[dict[str, Any]]) -> str:
+    out = []
+    for data in results:
+        settings = data["settings"]
+        lengths = [str(n) for n in settings["prefill_lengths"]]
+        batches = [str(b) for b in settings.get("batches", [])]
+        floor = any("floor_ms_per_token" in r for r in data["results"])
+        header = ["model", "variant", "decode ms/token"] + (["floor ms"] if floor else []) + \
+            [f"prefill {'/'.join(lengths)} ms"] + ([f"tok/s at batch {'/'.join(batches)}"] if batches else [])
+        rows = []
+        for r in data["results"]:
+            name = Path(r.get("file") or data.get("model") or "").name
+            prefill = r.get("prefill_ms") or {}
+            row = [name, r["variant"], num(r["decode_ms_per_token"], 2 if r["decode_ms_per_token"] >= 10 else 3)]
+            if floor:
+                row.append(num(r.get("floor_ms_per_token"), 3))
+            row.append(" / ".join(num(prefill.get(n), 1) for n in lengths) if prefill else "–")
+            if batches:
+                agg = r.get("aggregate_tokens_per_s") or {}
+                row.append(" / ".join(num(agg.get(b), 0) for b in batches) if agg else "–")
+            rows.append(row)
+        env = data["environment"]
+        what = f"batch 1 after a {settings['prompt_tokens']}-token prompt, median of {settings['rounds']} rounds"
+        if env.get("gpu_copy_bandwidth_gb_s"):
+            what += f"; device copy bandwidth {env['gpu_copy_bandwidth_gb_s']:,.0f} GB/s (floor = weight bytes ÷ that)"
+        elif settings.get("threads"):
+            what += f"; {settings['threads']} threads"
+        out.append(f"Decode {what}:\n")
+        out.append(table(header, rows))
+        predicted = [(r, r["prediction"]) for r in data["results"] if r.get("prediction")]
+        if predicted:
+            out.append("\nPredictions written before the run:\n")
+            out += [f"- {Path(r.get('file', '')).name} {r['variant']}: {text}" for r, text in predicted]
+        out.append("\n" + source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "decode": render_decode,
     "zerocopy": render_zerocopy,
     "snapshot": render_snapshot,
     "boundary": render_boundary,
@@ -132,10 +170,12 @@ RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
 
 def render(text: str) -> str:
     def replace(m: re.Match[str]) -> str:
-        name = m.group("name")
+        name, kind = m.group("name"), None
+        if name not in RENDERERS and name.rsplit("-", 1)[0] in RENDERERS:  # e.g. decode-cuda
+            name, kind = name.rsplit("-", 1)
         if name not in RENDERERS:
             raise SystemExit(f"render_docs: no renderer for bench:{name}")
-        results = latest(name)
+        results = [r for r in latest(name) if kind is None or r["environment"]["device"].split(":")[0] == kind]
         body = RENDERERS[name](results) if results else "*No committed results yet.*\n"
         return m.group(1) + body.rstrip("\n") + "\n" + m.group(4)
 

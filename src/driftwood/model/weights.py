@@ -100,13 +100,21 @@ class HybridLinear(nn.Module):
 
 
 class BlockLinear(nn.Module):
-    """A Q4_0 or Q8_0 matrix kept as its blocks: ``codes`` and fp16 ``scales`` (N, K / 32).
+    """A Q4_0 or Q8_0 matrix kept as its blocks: ``codes`` (int32 words) and fp16 ``scales``
+    (N, K / 32), ``w = scale * (q - 8)`` (Q4_0) or ``scale * q`` (Q8_0).
 
-    Q8_0 codes: (N, K) int8. Q4_0 codes: (N, K / 2) uint8, byte ``16 g + j`` of a row holding
-    column ``32 g + j`` (low nibble) and ``32 g + j + 16`` (high nibble), ``w = scale * (q - 8)``:
-    the file's blocks with the scales moved aside. A few rows at a time run through the Triton
-    GEMV kernel (see :class:`driftwood.model.cuda.decoder.TritonOps`); here, and for prompt
-    chunks, the matrix is dequantized for one product.
+    The file's codes are repacked at load time (same bytes, columns permuted within each
+    32-column group) so that the GEMV kernels load whole int32 words and the activations for one
+    nibble or byte position of consecutive words are consecutive:
+
+    - Q4_0: (N, K / 8) int32; group g is words ``4 g .. 4 g + 3``; nibble p (bits ``4p .. 4p + 3``)
+      of word ``4 g + w`` holds column ``32 g + 4 p + w``.
+    - Q8_0: (N, K / 4) int32; group g is words ``8 g .. 8 g + 7``; byte b of word ``8 g + i``
+      holds column ``32 g + 8 b + i``.
+
+    A few rows at a time run through the Triton kernels (see
+    :class:`driftwood.model.cuda.decoder.TritonOps`); here, and for prompt chunks, the matrix is
+    dequantized for one product.
     """
 
     GEMV_MAX_ROWS = 64
@@ -119,20 +127,44 @@ class BlockLinear(nn.Module):
         raw = torch.cat([p.bytes_tensor() for p in parts])  # (N, K / 32 * block bytes)
         b = raw.view(raw.shape[0], self.in_features // 32, -1)
         self.out_features = raw.shape[0]
-        codes = b[..., 2:].reshape(raw.shape[0], -1)
-        if qtype == Q.Q8_0:
-            codes = codes.view(torch.int8)
-        self.register_buffer("codes", codes.contiguous().to(device))
+        codes = b[..., 2:]  # (N, G, 16) Q4_0 nibble pairs, (N, G, 32) Q8_0 bytes
+        if qtype == Q.Q4_0:
+            q = torch.cat([codes & 0x0F, codes >> 4], dim=-1)  # (N, G, 32) codes 0..15, by column
+            packed = self.pack_q4_0(q)
+        else:
+            packed = self.pack_q8_0(codes.contiguous().view(torch.int8))
+        self.register_buffer("codes", packed.to(device))
         self.register_buffer("scales", b[..., :2].contiguous().view(torch.float16).squeeze(-1).to(device))
+
+    @staticmethod
+    def pack_q4_0(q: torch.Tensor) -> torch.Tensor:
+        """(N, G, 32) uint8 codes 0..15 by column -> (N, G * 4) int32 words (the layout above)."""
+        N, G, _ = q.shape
+        q = q.reshape(N, G, 8, 4).transpose(2, 3)  # (N, G, word w, nibble p): column 4 p + w
+        byte = q[..., 0::2] | (q[..., 1::2] << 4)  # (N, G, 4, 4): nibbles 2b, 2b + 1 in byte b
+        return byte.to(torch.uint8).contiguous().view(torch.int32).reshape(N, G * 4)
+
+    @staticmethod
+    def pack_q8_0(q: torch.Tensor) -> torch.Tensor:
+        """(N, G, 32) int8 codes by column -> (N, G * 8) int32 words (the layout above)."""
+        N, G, _ = q.shape
+        return q.reshape(N, G, 4, 8).transpose(2, 3).contiguous().view(torch.int32).reshape(N, G * 8)
+
+    def unpack(self) -> torch.Tensor:
+        """The codes by column: (N, G, 32), Q4_0 as 0..15 (uint8), Q8_0 as int8."""
+        N, G = self.scales.shape
+        byte = self.codes.view(torch.uint8).reshape(N, G, -1, 4)  # (N, G, words, 4 bytes)
+        if self.fmt == "q4_0":
+            q = torch.stack([byte & 0x0F, byte >> 4], dim=-1).reshape(N, G, 4, 8)  # (w, p)
+            return q.transpose(2, 3).reshape(N, G, 32)
+        return byte.view(torch.int8).transpose(2, 3).reshape(N, G, 32)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) in ``dtype``, computed in float32."""
         N, G = self.scales.shape
+        q = self.unpack().to(torch.float32)
         if self.fmt == "q4_0":
-            c = self.codes.view(N, G, 16)
-            q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32) - 8.0  # (N, G, 32)
-        else:
-            q = self.codes.view(N, G, 32).to(torch.float32)
+            q = q - 8.0
         return (q * self.scales[..., None].float()).view(N, -1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

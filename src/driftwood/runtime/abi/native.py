@@ -93,6 +93,7 @@ class NativeABI(HostModule):
         self.resumed = False
         self.snapshot_hook: Any = None  # set by the snapshot layer: callable(actor) -> None
         self.session_snapshots: Any = None  # set by the snapshot layer: .save/.load/.rewound
+        self._last_sampling: tuple[bytes, Any] = (b"", None)  # (dw_sampling_t bytes, parsed)
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -392,10 +393,17 @@ class NativeABI(HostModule):
         return self.mem.tensor(ptr, vocab, torch.float32, device=True)
 
     def _read_sampling(self, ptr: int) -> Any:
+        self.mem.check(ptr, _SAMPLING.size, 4)
+        raw = self.mem.read(ptr, _SAMPLING.size)
+        if raw != self._last_sampling[0]:  # agents pass the same parameters token after token
+            self._last_sampling = (raw, self._parse_sampling(raw))
+        return self._last_sampling[1]
+
+    @staticmethod
+    def _parse_sampling(raw: bytes) -> Any:
         from driftwood.model import SamplingParams
 
-        self.mem.check(ptr, _SAMPLING.size, 4)
-        temperature, top_k, top_p, min_p, penalty, last_n = _SAMPLING.unpack(self.mem.read(ptr, _SAMPLING.size))
+        temperature, top_k, top_p, min_p, penalty, last_n = _SAMPLING.unpack(raw)
         values = (temperature, top_p, min_p, penalty)
         if not all(v == v and abs(v) != float("inf") for v in values):  # NaN or inf
             raise GuestFault(DW_EINVAL, "sampling parameters must be finite")
@@ -408,12 +416,18 @@ class NativeABI(HostModule):
         if entry.logits is None:
             raise GuestFault(DW_EINVAL, "no logits yet: append tokens first")
         logits = entry.logits
-        if logits.device != entry.model.device:  # a view of guest memory on another device
-            logits = logits.to(entry.model.device)
-        if not torch.isfinite(logits).any():
-            raise GuestFault(DW_EINVAL, "the logits hold no finite value")
-        logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
+        if self._in_guest_memory(logits):  # the guest may have written anything there
+            if logits.device != entry.model.device:
+                logits = logits.to(entry.model.device)
+            if not torch.isfinite(logits).any():
+                raise GuestFault(DW_EINVAL, "the logits hold no finite value")
+            logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
+        # the engine's own logits need no check (and a check would cost a device sync a token)
         return entry.session.sample(logits, params)
+
+    def _in_guest_memory(self, t: torch.Tensor) -> bool:
+        arena = self.mem.arena
+        return arena.base <= t.data_ptr() < arena.base + arena.reserved
 
     def _write_i32s(self, ptr: int, max_count: int, values: list[int]) -> int:
         if len(values) <= max_count:
