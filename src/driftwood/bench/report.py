@@ -43,7 +43,7 @@ def environment(device: str) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "driftwood " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "driftwood" else shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "device": device,
         "device_name": device_name(device),
         "cpu": cpu_model(),
@@ -125,3 +125,11 @@ def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def progress(message: str) -> None:
     """Progress for long benchmarks, on stderr so tables on stdout stay clean."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _command() -> str:
+    """The command line as a user would type it (``driftwood ...`` however it was started)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "driftwood" or argv0.parts[-3:] == ("driftwood", "cli", "main.py"):
+        return "driftwood " + shlex.join(sys.argv[1:])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
