@@ -500,6 +500,7 @@ def test_out_of_range_pointers_are_invalid_arguments(driver):
 # -- loading from builders ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # preloads the real default model by its path
 def test_load_builders(driver, pool):
     mem = driver.mem
 
