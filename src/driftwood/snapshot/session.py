@@ -453,10 +453,15 @@ class _ChunkLoader:
         return [host[i * half : (i + 1) * half].view(self.dtype).view(L, H, t1 - t0, D) for i in range(2)]
 
     def _scatter(self, host: torch.Tensor, t0: int, t1: int) -> None:
-        """Host bytes -> positions [t0, t1) of the CPU cache, one copy per layer (torch's copy
-        beats plane-by-plane memcpy here: it uses every core)."""
-        for src, layers in zip(self._sides(host, t0, t1), cache_layers(self.session), strict=True):
-            for layer, dst in enumerate(layers):
+        """Host bytes -> positions [t0, t1) of the CPU cache: one copy per side where the
+        cache is one (n_layers, batch, ...) tensor, else one per layer (torch's copy beats
+        plane-by-plane memcpy here: it uses every core)."""
+        cache = self.session.cache
+        for src, whole in zip(self._sides(host, t0, t1), (cache.k, cache.v), strict=True):
+            if isinstance(whole, torch.Tensor):
+                whole[:, 0, :, t0:t1].copy_(src)
+                continue
+            for layer, dst in enumerate(_per_layer(whole)):
                 dst[0, :, t0:t1].copy_(src[layer])
 
     def _gather(self, host: torch.Tensor, t0: int, t1: int) -> None:
