@@ -199,9 +199,21 @@ def check_file(path: Path, device: str, n: int, compile_step: bool) -> dict[str,
             "greedy_cpu_f32": ref["greedy"], "decode_ms_per_token": timings}
 
 
+SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROWS picks the rows
+    1: [("gemvT", bn, wpt) for bn in (2, 4, 8, 16) for wpt in (4, 8)] + [("gemv", 4, 2048, 4)],
+    2: [("gemvT", 4, 4), ("gemvT", 8, 4), ("mm", 0), ("mm", 16)],
+    8: [("gemvT", 8, 4), ("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
+    32: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
+    64: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32), ("dot", 64, 64, 128, 4)],
+}
+if os.environ.get("SWEEP_ROWS"):
+    SWEEP_CONFIGS = {int(m): SWEEP_CONFIGS[int(m)] for m in os.environ["SWEEP_ROWS"].split(",")}
+
+
 def sweep() -> list[dict[str, Any]]:
-    """GB/s of the GEMV kernel per block configuration, weight format and row count, on the
-    Llama-3.2-1B shapes (random codes), against torch.mm on dense bfloat16."""
+    """GB/s (weight bytes / time) of the quantized kernels per configuration, format and row
+    count, on the Llama-3.2-1B shapes (random codes, rotating over enough copies of each matrix
+    to defeat the 50 MB L2 for the small ones), and torch.mm on dense bfloat16 for reference."""
     import itertools
 
     import triton.testing
@@ -211,37 +223,53 @@ def sweep() -> list[dict[str, Any]]:
     shapes = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
               "head": (128256, 2048)}
     rows_out = []
-    for (name, (N, Kd)), fmt, M in itertools.product(shapes.items(), (K.DENSE, K.Q8_0, K.Q4_0), (1, 8, 64)):
-        if fmt == K.Q4_0:
-            codes = torch.randint(0, 256, (N, Kd // 2), dtype=torch.uint8, device="cuda")
-        elif fmt == K.Q8_0:
-            codes = torch.randint(-127, 128, (N, Kd), dtype=torch.int8, device="cuda")
-        else:
-            codes = torch.randn(N, Kd, device="cuda").bfloat16()
-        scales = (torch.rand(N, Kd // 32, device="cuda") * 0.01).half()
-        nbytes = codes.numel() * codes.element_size() + (scales.numel() * 2 if fmt else 0)
-        x = torch.randn(M, Kd, device="cuda").bfloat16()
-        if M == 1:
-            cfgs = [(1, bn, bk, 4, False) for bn in (2, 4, 8) for bk in (512, 1024)]
-        elif M == 8:
-            cfgs = [(8, 2, 256, 4, False), (8, 4, 256, 4, False), (16, 32, 128, 4, True), (16, 64, 256, 4, True)]
-        else:
-            cfgs = [(16, 64, 128, 4, True), (16, 64, 256, 4, True), (64, 64, 128, 4, True), (64, 128, 128, 8, True)]
-        for cfg in cfgs:
-            try:
-                ms = triton.testing.do_bench(lambda cfg=cfg, x=x, f=fmt, c=codes, s=scales: K.gemv(x, f, c, s, config=cfg),
-                                             warmup=5, rep=20, return_mode="median")
-                rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "ms": ms,
-                                 "gb_s": nbytes / ms / 1e6})
-            except Exception as exc:  # a config that does not compile
-                rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "error": repr(exc)[:200]})
-        if fmt == K.DENSE:
-            ms = triton.testing.do_bench(lambda x=x, c=codes: x @ c.t(), warmup=5, rep=20, return_mode="median")
-            rows_out.append({"shape": name, "fmt": "torch.mm", "M": M, "ms": ms, "gb_s": nbytes / ms / 1e6})
-        best = max((r for r in rows_out if r["shape"] == name and r["fmt"] == fmt and r["M"] == M
-                    and "gb_s" in r), key=lambda r: r["gb_s"], default=None)
-        if best:
-            print(f"sweep {name} fmt={fmt} M={M}: best {best['config']} {best['gb_s']:.0f} GB/s", flush=True)
+    for (name, (N, Kd)), fmt in itertools.product(shapes.items(), (K.Q4_0, K.Q8_0)):
+        per_word = 8 if fmt == K.Q4_0 else 4
+        nbytes = N * Kd // per_word * 4 + N * Kd // 32 * 2
+        copies = max(1, min(16, (200 << 20) // nbytes))
+        mats = [(torch.randint(-2**31, 2**31 - 1, (N, Kd // per_word), dtype=torch.int32, device="cuda"),
+                 (torch.rand(N, Kd // 32, device="cuda") * 0.01).half()) for _ in range(copies)]
+        for M, cfgs in SWEEP_CONFIGS.items():
+            x = torch.randn(M, Kd, device="cuda").bfloat16()
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            for cfg in cfgs:
+                it = itertools.cycle(mats)
+
+                def call(cfg=cfg, x=x, f=fmt, it=it, out=out):
+                    c, sc = next(it)
+                    K.gemv(x, f, c, sc, out=out, config=cfg)
+
+                try:
+                    ms = triton.testing.do_bench(call, warmup=5, rep=25, return_mode="median")
+                    rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "ms": ms,
+                                     "gb_s": nbytes / ms / 1e6})
+                except Exception as exc:  # a config that does not compile
+                    rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "error": repr(exc)[:300]})
+            best = max((r for r in rows_out if r["shape"] == name and r["fmt"] == fmt and r["M"] == M
+                        and "gb_s" in r), key=lambda r: r["gb_s"], default=None)
+            if best:
+                print(f"sweep {name} fmt={fmt} M={M}: best {best['config']} {best['ms'] * 1e3:.1f} us "
+                      f"{best['gb_s']:.0f} GB/s", flush=True)
+        del mats
+    for name, (N, Kd) in shapes.items():
+        w = torch.randn(N, Kd, device="cuda").bfloat16()
+        for M in (1, 64):
+            x = torch.randn(M, Kd, device="cuda").bfloat16()
+            ms = triton.testing.do_bench(lambda x=x, w=w: x @ w.t(), warmup=5, rep=25, return_mode="median")
+            rows_out.append({"shape": name, "fmt": "torch.mm", "M": M, "ms": ms, "gb_s": N * Kd * 2 / ms / 1e6})
+    # per (fmt, M): the config with the least total time over one layer's four matrices plus the head
+    for fmt, M in itertools.product((K.Q4_0, K.Q8_0), SWEEP_CONFIGS):
+        tot: dict[tuple, float] = {}
+        for r in rows_out:
+            if r["fmt"] == fmt and r["M"] == M and "ms" in r:
+                w = 1 / 16 if r["shape"] == "head" else 1.0
+                tot[tuple(r["config"])] = tot.get(tuple(r["config"]), 0.0) + r["ms"] * w
+        full = {c: t for c, t in tot.items()
+                if sum(1 for r in rows_out if r["fmt"] == fmt and r["M"] == M and tuple(r.get("config", ())) == c
+                       and "ms" in r) == len(shapes)}
+        if full:
+            c = min(full, key=full.get)
+            print(f"sweep best overall fmt={fmt} M={M}: {c} {full[c] * 1e3:.1f} us per layer + head/16", flush=True)
     return rows_out
 
 

@@ -10,13 +10,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def main(device: str = "cpu", tol: float = 1e-2) -> dict[str, float]:
+def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dict[str, float]:
+    """Fresh random inputs each call (``seed``: KERNEL_CHECK_SEED, else random; printed)."""
+    import os
+
     import torch.nn.functional as F
 
     from driftwood.model.cuda import kernels as K
     from driftwood.model.cuda.decoder import TorchOps
+    from driftwood.model.weights import BlockLinear
 
-    g = torch.Generator().manual_seed(0)
+    if seed is None:
+        seed = int(os.environ.get("KERNEL_CHECK_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"kernel_check seed {seed}", flush=True)
+    g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device)
@@ -24,25 +31,62 @@ def main(device: str = "cpu", tol: float = 1e-2) -> dict[str, float]:
     errs: dict[str, float] = {}
     M, N, Kd = 3, 40, 256
     x = randn(M, Kd).bfloat16()
-    codes = torch.randint(0, 256, (N, Kd // 2), dtype=torch.uint8, generator=g).to(device)
+    q4 = torch.randint(0, 16, (N, Kd // 32, 32), dtype=torch.uint8, generator=g)
+    q8 = torch.randint(-128, 128, (N, Kd // 32, 32), dtype=torch.int8, generator=g)
     scales = (torch.rand(N, Kd // 32, generator=g) * 0.1).half().to(device)
-    c = codes.view(N, Kd // 32, 16)
-    w4 = ((torch.cat([c & 15, c >> 4], -1).float() - 8) * scales[..., None].float()).view(N, Kd)
-    q8 = torch.randint(-127, 128, (N, Kd), dtype=torch.int8, generator=g).to(device)
-    w8 = (q8.view(N, -1, 32).float() * scales[..., None].float()).view(N, Kd)
+    w4 = ((q4.float().to(device) - 8) * scales[..., None].float()).view(N, Kd)
+    w8 = (q8.float().to(device) * scales[..., None].float()).view(N, Kd)
+    c4 = BlockLinear.pack_q4_0(q4).to(device)
+    c8 = BlockLinear.pack_q8_0(q8).to(device)
     wd = randn(N, Kd).bfloat16()
+    for cfg in [("gemv", 4, 128, 4), ("gemv", 16, 256, 2), ("gemvT", 4, 4), ("gemvT", 16, 1),
+                ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotg", 16, 32, 64, 4), ("mm", 0),
+                K._DOT16, K._DOT64]:
+        for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
+            y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)  # poisoned
+            K.gemv(x, fmt, codes, scales, out=y, config=cfg)
+            errs[f"{name} {cfg}"] = rel(y, x.float() @ w.t())  # NaN (unwritten) never passes
+    for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
+        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), device=device))
+        errs[f"dequantize {name} float32 (exact)"] = float((d - w).abs().max())
+        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), dtype=torch.bfloat16, device=device))
+        errs[f"dequantize {name} bfloat16"] = rel(d, w)
     for cfg in [(1, 4, 128, 4, False), (4, 4, 256, 4, False), (16, 16, 64, 4, True)]:
-        errs[f"q4_0 {cfg}"] = rel(K.gemv(x, K.Q4_0, codes, scales, config=cfg), x.float() @ w4.t())
-        errs[f"q8_0 {cfg}"] = rel(K.gemv(x, K.Q8_0, q8, scales, config=cfg), x.float() @ w8.t())
         errs[f"dense {cfg}"] = rel(K.gemv(x, K.DENSE, wd, None, config=cfg), x.float() @ wd.float().t())
     res = randn(M, N).bfloat16()
     xg = randn(M, 2 * Kd).bfloat16()
-    want = res.float() + (F.silu(xg[:, :Kd].float()) * xg[:, Kd:].float()) @ w4.t()
-    r = res.clone()
-    y = K.gemv(xg, K.Q4_0, codes, scales, residual=r, glu=True, out=r)
-    assert y.data_ptr() == r.data_ptr()
-    errs["q4_0 glu residual"] = rel(y, want)
+    h = F.silu(xg[:, :Kd].float()) * xg[:, Kd:].float()
+    for fmt, codes, w in [(K.Q4_0, c4, w4), (K.Q8_0, c8, w8)]:
+        for cfg in [("gemv", 8, 128, 4), ("gemvT", 8, 4), ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4),
+                    ("mm", 0), ("mm", 0.01)]:  # 0.01 MB: chunks of 20 rows
+            r = res.clone()
+            y = K.gemv(xg, fmt, codes, scales, residual=r, glu=True, out=r, config=cfg)
+            assert y.data_ptr() == r.data_ptr()
+            errs[f"fmt {fmt} {cfg[0]} glu residual"] = rel(y, res.float() + h @ w.t())
+        y = K.gemv(x, fmt, codes, scales, out_dtype=torch.float32)
+        assert y.dtype == torch.float32
+        errs[f"fmt {fmt} float32 out"] = rel(y, x.float() @ w.t())
+        y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
+        K.gemv(x, fmt, codes, scales, out=y, config=("mm", 0.01))
+        errs[f"fmt {fmt} mm float32 out"] = rel(y, x.float() @ w.t())
     wn = randn(Kd).bfloat16()
+    xf = x.float()  # RMSNorm fused into the product, against float32 throughout
+    hn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.float()
+    for fmt, codes, w, cfg in [(K.Q4_0, c4, w4, ("gemv", 8, 128, 4)), (K.Q8_0, c8, w8, ("gemv", 4, 256, 4)),
+                               (K.Q4_0, c4, w4, ("gemvT", 8, 4)), (K.Q8_0, c8, w8, ("gemvT", 4, 4)),
+                               (K.DENSE, wd, wd.float(), (1, 4, 128, 4, False))]:
+        y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
+        K.gemv(x, fmt, codes, scales if fmt != K.DENSE else None, out=y, config=cfg, norm=(wn, 1e-5))
+        errs[f"fmt {fmt} {cfg[0]} rms_norm fused"] = rel(y, hn @ w.t())
+    # a row length that is not a power of two (the whole-row kernel masks the rest)
+    K3 = 384
+    x3 = randn(M, K3).bfloat16()
+    sc3 = (torch.rand(N, K3 // 32, generator=g) * 0.1).half().to(device)
+    q43 = torch.randint(0, 16, (N, K3 // 32, 32), dtype=torch.uint8, generator=g)
+    w43 = ((q43.float().to(device) - 8) * sc3[..., None].float()).view(N, K3)
+    for cfg in [("gemvT", 4, 4), ("dotg", 16, 16, 128, 4)]:
+        y = K.gemv(x3, K.Q4_0, BlockLinear.pack_q4_0(q43).to(device), sc3, config=cfg, out_dtype=torch.float32)
+        errs[f"q4_0 K={K3} {cfg}"] = rel(y, x3.float() @ w43.t())
     errs["rms_norm"] = rel(K.rms_norm(x, wn, 1e-5), TorchOps().rms_norm(x, wn, 1e-5))
     B, H, Hkv, D, cap = 3, 8, 2, 64, 600
     qkv = randn(B, (H + 2 * Hkv) * D).bfloat16()

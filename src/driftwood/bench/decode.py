@@ -192,10 +192,28 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "Q4_0 ~0.45 ms/token (0.7 GB at ~2.5 TB/s plus ~150 kernels in a graph); "
-               "BF16 ~1.05 ms (2.5 GB, cuBLAS GEMV); batch 64 ~30x batch 1"),
+    "graphs": ({}, {}, "2026-11-22, final version: batch 1 gemvT (Q4_0 ~0.78 ms, Q8_0 ~0.93, BF16 ~1.35); "
+               "batches: per matrix shape the fastest measured of gemvT per row, the per-slot tl.dot "
+               "kernel and dequantize + cuBLAS (sweep sums x 0.78, the graph-to-sweep ratio of the 4th "
+               "version): Q4_0 batch 64 ~3.5 ms a step (~18k tok/s, ~14x batch 1), batch 8 ~1.5 ms "
+               "(~5.5k tok/s); Q8_0 batch 64 ~3.0 ms (~21k tok/s, ~19x). "
+               "4th version: batch 1 as the 3rd (gemvT); 2-4 rows the gemvT kernel per row "
+               "(L2 serves the repeats); 5-64 rows dequantize to bfloat16 in 16 MB chunks that stay in L2, "
+               "each through cuBLAS: Q4_0 batch 64 ~1.2 ms a step (~53k tok/s, >= 20x batch 1), batch 8 "
+               "~1.1 ms; batch 1 unchanged (Q4_0 0.77, Q8_0 0.92, BF16 1.35); measured: batch 64 10.8k tok/s "
+               "(Q4_0, 5.9 ms a step), 14.7k (Q8_0): 16 MB chunks made cuBLAS slower, and the Q4_0 "
+               "dequantizer is slow (8-byte scattered stores). "
+               "3rd version predicted Q4_0 ~0.75 / Q8_0 ~1.0 ms at batch 1, measured 0.774 / 0.920; "
+               "its gathered-tile tl.dot ('dotg') for batches, predicted ~1 ms a step at 64 rows, ran at "
+               "25-110 GB/s (batch 64: 2.5k tok/s, worse than before). 2nd version (per-slot 2-D GEMV, "
+               "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
+               "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
+               "~30x batch 1"),
     "graphs-triton-dense": ({"weights": "dense"}, {"dense": "triton"},
                             "BF16 only: the Triton GEMV on dense weights, within 10% of cuBLAS"),
+    "graphs-unfused-norm": ({}, {"fuse_norm": False}, "RMSNorm as its own kernel before the QKV, gate|up "
+                            "and head products (33 more kernels a step at batch 1): ~+80 us a token "
+                            "(~2.5 us a kernel in a graph)"),
     "fused-eager": ({}, {"capture": False}, "the same kernels launched from Python: ~+1 ms of "
                     "launch overhead (~150 launches at ~7 us)"),
     "torch-eager": ({"graphs": False, "weights": "dense"}, {}, "the eager torch path on dense "
@@ -253,8 +271,8 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    if "dense" in step_kw:
-        model.decode_ops = TritonOps(step_kw["dense"])
+    if "dense" in step_kw or "fuse_norm" in step_kw:
+        model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True))
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,

@@ -161,7 +161,7 @@ class BlockLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) in ``dtype``, computed in float32."""
-        N, G = self.scales.shape
+        N = self.scales.shape[0]
         q = self.unpack().to(torch.float32)
         if self.fmt == "q4_0":
             q = q - 8.0
@@ -175,7 +175,19 @@ class BlockLinear(nn.Module):
             fmt = kernels.Q4_0 if self.fmt == "q4_0" else kernels.Q8_0
             y = kernels.gemv(x.reshape(rows, -1), fmt, self.codes, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _has_triton():
+            from driftwood.model.cuda import kernels  # the Triton dequantizer, not torch ops
+
+            fmt = kernels.Q4_0 if self.fmt == "q4_0" else kernels.Q8_0
+            w = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+            return F.linear(x, kernels.dequantize(fmt, self.codes, self.scales, w))
         return F.linear(x, self.dequantize(x.dtype))
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 BLOCK_TYPES = frozenset({Q.Q4_0, Q.Q8_0})

@@ -4,7 +4,8 @@
 cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
 row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
 product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
-the residual: 8 kernels a layer with :class:`TritonOps`. :class:`TorchOps` computes the same
+the residual: 8 kernels a layer with :class:`TritonOps`, 6 for one row, where each RMSNorm runs
+inside the product that follows it (``fuse_norm``). :class:`TorchOps` computes the same
 functions with torch operations (the CPU, and the reference in tests).
 
 :class:`GraphDecoder` captures the step once per batch-size bucket (1, 2, 4, ... rows of the
@@ -57,6 +58,11 @@ class TorchOps:
             y = residual + y
         return y if out_dtype is None else y.to(out_dtype)
 
+    def norm_linear(self, x: torch.Tensor, weight: torch.Tensor, eps: float, layer: torch.nn.Module, *,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``linear(rms_norm(x, weight, eps), layer)``."""
+        return self.linear(self.rms_norm(x, weight, eps), layer, out_dtype=out_dtype)
+
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         B = qkv.shape[0]
         angles = pos[:, None].float() * inv_freq  # (B, D/2)
@@ -86,25 +92,36 @@ class TritonOps(TorchOps):
     whose fused residual and SiLU measured 1.34 against 1.43 ms/token (docs/gpu.md).
     """
 
-    def __init__(self, dense: str = "cublas") -> None:
+    def __init__(self, dense: str = "cublas", fuse_norm: bool = True) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
         self.dense = dense
+        self.fuse_norm = fuse_norm
+
+    def _gemv_args(self, x, layer):
+        """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
+        k, m = self.k, x.shape[0]
+        if isinstance(layer, BlockLinear) and m <= k.MAX_ROWS:
+            return (k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0), layer.codes, layer.scales
+        if isinstance(layer, DenseLinear) and (self.dense == "triton" or m == 1) and m <= k.MAX_ROWS:
+            return k.DENSE, layer.weight, None
+        return None
 
     def rms_norm(self, x, weight, eps):
         return self.k.rms_norm(x, weight, eps)
 
     def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None):
-        k = self.k
-        if isinstance(layer, BlockLinear) and x.shape[0] <= 64:
-            fmt = k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0
-            return k.gemv(x, fmt, layer.codes, layer.scales, residual=residual, glu=glu,
-                          out=residual, out_dtype=out_dtype)
-        if isinstance(layer, DenseLinear) and (self.dense == "triton" or x.shape[0] == 1) and x.shape[0] <= 64:
-            return k.gemv(x, k.DENSE, layer.weight, None, residual=residual, glu=glu, out=residual,
-                          out_dtype=out_dtype)
+        args = self._gemv_args(x, layer)
+        if args is not None:
+            return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype)
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
+
+    def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):
+        args = self._gemv_args(x, layer)
+        if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
+            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps))
+        return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
@@ -129,16 +146,13 @@ class DecodeStep:
         B = tokens.shape[0]
         x = t.embed(tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
-            h = ops.rms_norm(x, layer.attn_norm, layer.eps)
-            qkv = ops.linear(h, layer.attn.wqkv)  # (B, (H + 2 Hkv) D)
+            qkv = ops.norm_linear(x, layer.attn_norm, layer.eps, layer.attn.wqkv)  # (B, (H + 2 Hkv) D)
             q = ops.rope_store(qkv, pos, t.inv_freq, k[i, :B], v[i, :B], *self.dims)  # (B, H, D)
             a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
             x = ops.linear(a, layer.attn.wo, residual=x)
-            h = ops.rms_norm(x, layer.ffn_norm, layer.eps)
-            gu = ops.linear(h, layer.mlp.w13)  # (B, 2 ffn)
+            gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
             x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
-        h = ops.rms_norm(x, t.norm, t.config.norm_eps)
-        return ops.linear(h, t.output, out_dtype=torch.float32)
+        return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
 
 
 def default_ops(device: torch.device, dense: str = "cublas") -> TorchOps:

@@ -1,9 +1,12 @@
 """Triton kernels for the one-token decode step (see docs/gpu.md).
 
 - :func:`gemv`: ``out = x @ W.T (+ residual)`` for a few rows of x, reading W as it is stored:
-  dense (the compute dtype), Q8_0 (int8 codes) or Q4_0 (packed nibbles), with the fp16 scale of
-  each 32-column group beside them. Optionally x is a gate|up pair and the kernel applies
-  ``silu(gate) * up`` while loading it (the MLP's down projection), and adds a residual.
+  dense (the compute dtype), Q8_0 or Q4_0 (int32 words of codes, see
+  :class:`~driftwood.model.weights.BlockLinear`), with the fp16 scale of each 32-column group
+  beside them. Optionally x is a gate|up pair and the kernel applies ``silu(gate) * up`` while
+  loading it (the MLP's down projection), and adds a residual. Quantized weights take
+  ``_qgemv_kernel`` (one row of x per program, FMA only) for few rows and ``_qgemm_kernel``
+  (a dequantized tile into ``tl.dot``) for more.
 - :func:`rms_norm`: one row per program.
 - :func:`rope_store`: RoPE on each row's queries and keys at its own position, the keys and
   values written into the KV cache at that position, the rotated queries returned.
@@ -11,10 +14,14 @@
   (split along the sequence, flash-decoding style, then combined).
 
 Every kernel reads positions from device memory, so a CUDA graph captured once serves every
-step. Weight layouts (:class:`~driftwood.model.cuda.quant.QuantWeight`): Q8_0 ``codes`` (N, K)
-int8; Q4_0 ``codes`` (N, K / 2) uint8 where byte ``16 g + j`` of a row holds column ``32 g + j``
-in its low nibble and ``32 g + j + 16`` in its high nibble (ggml's block order without the
-scales); ``scales`` (N, K / 32) fp16.
+step.
+
+Dequantizing without an int-to-float conversion: a code put into the mantissa of a float32
+whose exponent is set (one shift and one ``(w & mask) | magic``, a single LOP3) reads as
+``bias + q`` with bias a power of two (128 or 2048 for Q4_0 nibbles, 32768 for Q8_0 bytes,
+whose sign bit is flipped first). The kernels multiply ``bias + q`` by x directly and subtract
+``(bias + 8) * x`` (Q4_0) or ``(bias + 128) * x`` (Q8_0), summed over the word's positions and
+independent of the row, once per word; the group's scale is applied once per word.
 """
 
 from __future__ import annotations
@@ -39,19 +46,6 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _nibble_f32(q):
-    """A code 0..15 to ``q - 8`` in float32 without an int-to-float conversion (a quarter-rate
-    instruction): the code as the low mantissa bits of 2**23, minus 2**23 + 8."""
-    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-
-
-@triton.jit
-def _int8_f32(q):
-    """An int8 code to float32 by the same trick, shifted by 128 into 0..255."""
-    return ((q.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-
-
-@triton.jit
 def _load_x(x_ptr, rm, mask_m, k, stride_xm, K, GLU: tl.constexpr):
     """x[rm, k] as float32 (BLOCK_M, len(k)); with GLU, silu(x[:, k]) * x[:, K + k]."""
     ptr = x_ptr + rm[:, None] * stride_xm + k[None, :]
@@ -63,56 +57,257 @@ def _load_x(x_ptr, rm, mask_m, k, stride_xm, K, GLU: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_rm, stride_om,
-                 FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, USE_DOT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 F32: tl.constexpr):
+def _load_x1(x_ptr, k, K, GLU: tl.constexpr, NORM: tl.constexpr, nw_ptr, r, mask):
+    """x[k] of one row as float32; with GLU, silu(x[k]) * x[K + k]; with NORM, RMSNorm's
+    output ``nw[k] * x[k] * r`` rounded as :func:`rms_norm` rounds it. 0 where not mask."""
+    g = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+    if GLU:
+        u = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+        g = g * tl.sigmoid(g) * u
+    if NORM:
+        dt = x_ptr.dtype.element_ty
+        nw = tl.load(nw_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        g = (nw * (g * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _inv_rms(x_ptr, K, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x[:K]^2) + eps) of one row."""
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        ss += v * v
+    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _slot(w, P: tl.constexpr, FMT: tl.constexpr, ma, mb, ca, cb):
+    """Position P of each int32 word as float32 ``bias + code`` (see the module doc; Q8_0 words
+    already have their sign bits flipped). The masks and magic exponents come in as run-time
+    values (``ma, mb, ca, cb``: :data:`SLOT_CONSTANTS`) so that ``(t & m) | c`` stays one LOP3
+    (with both as immediates ptxas emits two: a LOP3 takes one immediate)."""
+    if FMT == 2:  # nibble P (bits 4P..4P+3) to bits 16..19 (mb, cb: bias 128) or 12..15 (ma, ca: 2048)
+        if P == 0:
+            t = (w << 16) & mb | cb
+        elif P == 1:
+            t = (w << 8) & ma | ca
+        elif P == 2:
+            t = (w << 8) & mb | cb
+        elif P == 3:
+            t = w & ma | ca
+        elif P == 4:
+            t = w & mb | cb
+        elif P == 5:
+            t = (w >> 8) & ma | ca
+        elif P == 6:
+            t = (w >> 8) & mb | cb
+        else:
+            t = (w >> 12) & mb | cb
+    else:  # byte P to bits 8..15 (ma, ca: bias 32768)
+        if P == 0:
+            t = (w << 8) & ma | ca
+        elif P == 1:
+            t = w & ma | ca
+        elif P == 2:
+            t = (w >> 8) & ma | ca
+        else:
+            t = (w >> 16) & ma | ca
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot_offset(P: tl.constexpr, FMT: tl.constexpr):
+    """What _slot's value exceeds the signed code by: bias + 8 (Q4_0), bias + 128 (Q8_0)."""
+    if FMT == 2:
+        if P == 1 or P == 3 or P == 5:
+            return 2056.0
+        return 136.0
+    return 32896.0
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K, stride_xm, stride_rm,
+                  stride_om, FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                  NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row m of x (program_id 1) against BLOCK_N rows of a Q4_0 / Q8_0 matrix; with NORM,
+    x is first put through RMSNorm (weights nw_ptr)."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
+    WG: tl.constexpr = 32 // NS  # words per group
+    BW: tl.constexpr = BLOCK_K // NS  # words per k-block
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    rn = tl.where(mask_n, rn, 0)  # rows past N read row 0, never stored
+    ri = tl.arange(0, BW)
+    cbase = (ri // WG) * 32 + ri % WG  # column of position 0 of word ri in the k-block
+    KW = K // NS
+    xrow = x_ptr + m * stride_xm
+    r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
+    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptr + rn[:, None] * KW + (k0 // NS + ri)[None, :])
+        s = tl.load(s_ptr + rn[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
+        if FMT == 1:
+            w = w ^ -0x7F7F7F80  # 0x80808080: each byte's sign flipped, q + 128 in 0..255
+        part = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+        corr = tl.zeros((BW,), dtype=tl.float32)
+        for p in tl.static_range(NS):
+            xp = _load_x1(xrow, k0 + cbase + p * WG, K, GLU, NORM, nw_ptr, r, ri < BW)  # (BW,)
+            part += _slot(w, p, FMT, ma, mb, ca, cb) * xp[None, :]
+            corr += xp * _slot_offset(p, FMT)
+        acc += s * (part - corr[None, :])
+    y = tl.sum(acc, axis=1)
+    if HAS_RES:
+        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K, stride_xm, stride_rm, stride_om,
+                  FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  F32: tl.constexpr):
+    """BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: each code position of a
+    (BLOCK_N, words) tile dequantized to bfloat16 and multiplied by the matching columns of x
+    with tl.dot (the columns of a k-block taken in the packed order)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rnl = tl.where(mask_n, rn, 0)
+    ri = tl.arange(0, BW)
+    cbase = (ri // WG) * 32 + ri % WG
+    KW = K // NS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + ri)[None, :])
+        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
+        if FMT == 1:
+            w = w ^ -0x7F7F7F80
+        for p in tl.static_range(NS):
+            wd = (_slot(w, p, FMT, ma, mb, ca, cb) - _slot_offset(p, FMT)) * s  # (BLOCK_N, BW)
+            xp = _load_x(x_ptr, rm, mask_m, k0 + cbase + p * WG, stride_xm, K, GLU)  # (BLOCK_M, BW)
+            acc += _dot(xp, tl.trans(wd), F32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K: tl.constexpr, stride_xm,
+                    stride_rm, stride_om, FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _qgemv_kernel, with the whole row in one block (BLOCK_K = next power of two >= K) and
+    the tile laid out (words, rows): with num_warps chosen so that the warps span the words
+    exactly, each thread holds the same words of all BLOCK_N rows, and the activations, their
+    conversion and the offset sums are computed once for BLOCK_N rows."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    rn = tl.where(mask_n, rn, 0)
+    KW = K // NS
+    ri = tl.arange(0, BW)
+    mask_w = (ri < KW) if BLOCK_K != K else (ri < BW)  # all true when K == BLOCK_K (folded)
+    cbase = (ri // WG) * 32 + ri % WG
+    xrow = x_ptr + m * stride_xm
+    r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
+    w = tl.load(w_ptr + rn[None, :] * KW + ri[:, None], mask=mask_w[:, None], other=0)  # (BW, BLOCK_N)
+    s = tl.load(s_ptr + rn[None, :] * (K // 32) + (ri // WG)[:, None], mask=mask_w[:, None],
+                other=0.0).to(tl.float32)
+    if FMT == 1:
+        w = w ^ -0x7F7F7F80
+    part = tl.zeros((BW, BLOCK_N), dtype=tl.float32)
+    corr = tl.zeros((BW,), dtype=tl.float32)
+    for p in tl.static_range(NS):
+        xp = _load_x1(xrow, cbase + p * WG, K, GLU, NORM, nw_ptr, r, mask_w)  # (BW,)
+        part += _slot(w, p, FMT, ma, mb, ca, cb) * xp[:, None]
+        corr += xp * _slot_offset(p, FMT)
+    y = tl.sum(s * (part - corr[:, None]), axis=0)  # (BLOCK_N,)
+    if HAS_RES:
+        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _qgemm_g_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_rm, stride_om,
+                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    F32: tl.constexpr):
+    """BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: a (BLOCK_N, BLOCK_K) tile
+    in column order, each element gathering its word (an L1 hit after the first of its 8 or 4
+    columns) and scale, dequantized to bfloat16, then one tl.dot per k-block."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rnl = tl.where(mask_n, rn, 0)
+    rk = tl.arange(0, BLOCK_K)
+    j = rk % 32
+    word = (rk // 32) * WG + j % WG  # within the k-block
+    shift = (j // WG) * (32 // NS)
+    KW = K // NS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + word)[None, :])  # (BLOCK_N, BLOCK_K)
+        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + ((k0 + rk) // 32)[None, :]).to(tl.float32)
+        if FMT == 2:
+            q = (((w >> shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        else:
+            q = ((((w >> shift[None, :]) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        xk = _load_x(x_ptr, rm, mask_m, k0 + rk, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
+        acc += _dot(xk, tl.trans(q * s), F32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm, stride_rm,
+                 stride_om, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                 USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, F32: tl.constexpr):
+    """Dense weights (the compute dtype); NORM (one row of x a program): RMSNorm first."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    HALF: tl.constexpr = BLOCK_K // 2
-    if FMT == 2:
-        ri = tl.arange(0, HALF)  # byte within the k-block
-        klo = (ri // 16) * 32 + (ri % 16)  # the column its low nibble holds
-    else:
-        rk = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
+    r = _inv_rms(x_ptr + pid_m * stride_xm, K, eps, BLOCK_K) if NORM else 1.0
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    elif FMT == 2:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, HALF), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if FMT == 2:
-            b = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + ri)[None, :], mask=mask_n[:, None],
-                        other=0)
-            s = tl.load(s_ptr + rn[:, None] * (K // 32) + (k0 // 32 + ri // 16)[None, :],
-                        mask=mask_n[:, None], other=0.0).to(tl.float32)
-            w_lo = _nibble_f32(b & 15) * s  # (BLOCK_N, HALF): (q - 8) * scale
-            w_hi = _nibble_f32(b >> 4) * s
-            x_lo = _load_x(x_ptr, rm, mask_m, k0 + klo, stride_xm, K, GLU)  # (BLOCK_M, HALF)
-            x_hi = _load_x(x_ptr, rm, mask_m, k0 + klo + 16, stride_xm, K, GLU)
-            if USE_DOT:
-                acc += _dot(x_lo, tl.trans(w_lo), F32)
-                acc += _dot(x_hi, tl.trans(w_hi), F32)
-            else:
-                acc3 += x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
+        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=mask_n[:, None], other=0)
+        w = w.to(tl.float32)
+        if NORM:  # BLOCK_M == 1
+            x = _load_x1(x_ptr + pid_m * stride_xm, k0 + rk, K, GLU, NORM, nw_ptr, r, rk < BLOCK_K)[None, :]
         else:
-            w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=mask_n[:, None], other=0)
-            if FMT == 1:
-                s = tl.load(s_ptr + rn[:, None] * (K // 32) + ((k0 + rk) // 32)[None, :],
-                            mask=mask_n[:, None], other=0.0).to(tl.float32)
-                w = _int8_f32(w) * s
-            else:
-                w = w.to(tl.float32)
             x = _load_x(x_ptr, rm, mask_m, k0 + rk, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
-            if USE_DOT:
-                acc += _dot(x, tl.trans(w), F32)
-            else:
-                acc3 += x[:, None, :] * w[None, :, :]
+        if USE_DOT:
+            acc += _dot(x, tl.trans(w), F32)
+        else:
+            acc3 += x[:, None, :] * w[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -121,51 +316,186 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stri
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (format, rows <= m) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot); see docs/gpu.md
-# (the best of scripts/gpu_engine_check.py --sweep on the H100, 2026-11-22, over the 1B shapes)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, bool]] = {
+# (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep
+# on the H100 over the 1B shapes). Dense: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot).
+# Quantized: ("gemvT", BLOCK_N, words a thread holds of a row: num_warps follows from K),
+# ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot", BLOCK_M, BLOCK_N, BLOCK_K, num_warps), or
+# ("mm", chunk MB): dequantized to bfloat16 chunk by chunk, then cuBLAS.
+# Quantized entries may depend on the matrix: {"wide": N >= 8192, "deep": K >= 4096,
+# "narrow": N <= 2048, "mid": the rest} (the 1B shapes: gate_up and head wide, down deep, o narrow,
+# qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
+_DOT16, _DOT64 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4)
+CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     (DENSE, 1): (1, 4, 1024, 4, False),
-    (Q8_0, 1): (1, 2, 1024, 4, False),
-    (Q4_0, 1): (1, 2, 1024, 4, False),
     (DENSE, 8): (16, 64, 256, 4, True),
-    (Q8_0, 8): (8, 4, 256, 4, False),
-    (Q4_0, 8): (8, 4, 256, 4, False),
     (DENSE, 64): (16, 64, 256, 4, True),
-    (Q8_0, 64): (64, 64, 128, 4, True),
-    (Q4_0, 64): (64, 64, 128, 4, True),
+    (Q4_0, 1): ("gemvT", 8, 4),
+    (Q8_0, 1): ("gemvT", 4, 4),
+    (Q4_0, 4): ("gemvT", 4, 4),
+    (Q8_0, 4): ("gemvT", 4, 4),
+    (Q4_0, 16): {"wide": _DOT16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
+    (Q8_0, 16): {"wide": _DOT16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
+    (Q4_0, 64): {"wide": _DOT64, "deep": ("mm", 16), "narrow": ("mm", 8), "mid": _DOT64},
+    (Q8_0, 64): {"wide": _DOT64, "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
 }
+MAX_ROWS = 64
+# (ma, mb, ca, cb) of _slot per format: masks and magic exponents (2048.0, 128.0; 32768.0)
+SLOT_CONSTANTS = {Q4_0: (0xF000, 0xF0000, 0x45000000, 0x43000000), Q8_0: (0xFF00, 0, 0x47000000, 0)}
 
 
-def pick_config(fmt: int, m: int) -> tuple[int, int, int, int, bool]:
-    for rows in (1, 8, 64):
-        if m <= rows:
-            return CONFIGS[(fmt, rows)]
-    return CONFIGS[(fmt, 64)]
+def shape_class(n: int, k: int) -> str:
+    return "wide" if n >= 8192 else "deep" if k >= 4096 else "narrow" if n <= 2048 else "mid"
+
+
+def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
+    """The configuration for m rows of x against an (n, k) matrix."""
+    keys = sorted(r for f, r in CONFIGS if f == fmt)
+    cfg = CONFIGS[(fmt, next((r for r in keys if m <= r), keys[-1]))]
+    return cfg[shape_class(n, k)] if isinstance(cfg, dict) else cfg
+
+
+def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
+    """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
+    cfg = config or pick_config(fmt, m, n, k)
+    return cfg[0] in ("gemv", "gemvT") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | None, *,
          residual: torch.Tensor | None = None, glu: bool = False, out: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None,
-         config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, config: tuple | None = None,
+         norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``) -> (M, N) = x' @ W.T (+ residual (M, N)).
 
     ``out`` may be ``residual`` itself (each element is read, then written, by one program).
+    ``norm`` (weight (K,), eps): x' = rms_norm(x) computed inside (only where :func:`fuses_norm`).
     """
     M = x.shape[0]
     N = codes.shape[0]
     K = x.shape[1] // 2 if glu else x.shape[1]
     assert x.stride(1) == 1 and codes.is_contiguous()
+    cfg = config or pick_config(fmt, M, N, K)
+    if cfg[0] == "mm":
+        assert norm is None and fmt != DENSE
+        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1])
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
-    bm, bn, bk, warps, use_dot = config or pick_config(fmt, M)
-    bk = min(bk, K)
-    assert K % bk == 0 and bk % 32 == 0, (K, bk)
     res = residual if residual is not None else out
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-    _gemv_kernel[grid](x, codes, scales if scales is not None else codes, res, out, M, N, K,
-                       x.stride(0), res.stride(0), out.stride(0), FMT=fmt, GLU=glu,
-                       HAS_RES=residual is not None, USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn,
-                       BLOCK_K=bk, F32=INTERPRET, num_warps=warps)
+    common = dict(GLU=glu, HAS_RES=residual is not None, NORM=norm is not None)
+    nw, eps = norm if norm is not None else (x, 0.0)
+    assert norm is None or (not glu and fuses_norm(fmt, M, config=cfg)), "norm fuses into one-row programs"
+    if fmt == DENSE:
+        bm, bn, bk, warps, use_dot = cfg
+        bk = min(bk, K)
+        assert K % bk == 0, (K, bk)
+        grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+        _gemv_kernel[grid](x, codes, res, out, nw, eps, M, N, K, x.stride(0), res.stride(0), out.stride(0),
+                           USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET,
+                           num_warps=warps, **common)
+        return out
+    assert codes.dtype == torch.int32 and codes.shape[1] * (8 if fmt == Q4_0 else 4) == K, (codes.shape, K)
+    kind = cfg[0]
+    if kind == "gemv":
+        _, bn, bk, warps = cfg
+        bk = min(bk, K)
+        assert K % bk == 0, (K, bk)
+        _qgemv_kernel[(triton.cdiv(N, bn), M)](
+            x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
+            FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common)
+    elif kind == "gemvT":
+        _, bn, wpt = cfg
+        bk = triton.next_power_of_2(K)
+        warps = max(1, min(16, bk // (8 if fmt == Q4_0 else 4) // (32 * wpt)))
+        _qgemv_t_kernel[(triton.cdiv(N, bn), M)](
+            x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
+            FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common)
+    else:
+        _, bm, bn, bk, warps = cfg
+        common.pop("NORM")
+        bk = min(bk, K)
+        assert K % bk == 0, (K, bk)
+        grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+        consts = () if kind == "dotg" else SLOT_CONSTANTS[fmt]
+        (_qgemm_g_kernel if kind == "dotg" else _qgemm_kernel)[grid](
+            x, codes, scales, res, out, *consts, M, N, K, x.stride(0), res.stride(0), out.stride(0),
+            FMT=fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps, **common)
+    return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, ma, mb, ca, cb, N, K, FMT: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of a Q4_0 / Q8_0 matrix to the output dtype, (N, K) row-major."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (rr < N)[:, None]
+    ri = tl.arange(0, BW)
+    cbase = (ri // WG) * 32 + ri % WG
+    k0 = pid_k * BLOCK_K
+    w = tl.load(w_ptr + rr[:, None] * (K // NS) + (k0 // NS + ri)[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rr[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if FMT == 1:
+        w = w ^ -0x7F7F7F80
+    for p in tl.static_range(NS):
+        v = (_slot(w, p, FMT, ma, mb, ca, cb) - _slot_offset(p, FMT)) * s
+        tl.store(out_ptr + rr[:, None] * K + (k0 + cbase + p * WG)[None, :],
+                 v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(fmt: int, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A Q4_0 / Q8_0 matrix (codes, scales as :class:`~driftwood.model.weights.BlockLinear`
+    holds them) into ``out`` (N, K) contiguous, any float dtype."""
+    N, K = out.shape
+    assert out.is_contiguous() and codes.shape[0] == N and K % 32 == 0
+    bk = min(1024, K & -K)  # the largest power of two dividing K, at most 1024
+    _dequant_kernel[(triton.cdiv(N, 16), K // bk)](codes, scales, out, *SLOT_CONSTANTS[fmt], N, K, FMT=fmt,
+                                                  BLOCK_R=16, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A bfloat16 buffer reused by every dequantize-then-cuBLAS product on the device (the
+    products run in stream order; CUDA graphs capture it at the size their warm-up left)."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    return buf
+
+
+def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb):
+    """x' @ W.T (+ residual) with W dequantized to bfloat16 in chunks of rows (``chunk_mb`` MB
+    each, 0: the whole matrix) into a reused scratch buffer, each chunk then through cuBLAS;
+    chunks small enough stay in L2 between the two."""
+    K = scales.shape[1] * 32
+    N = codes.shape[0]
+    M = x.shape[0]
+    if glu:
+        g, u = x[:, :K], x[:, K:]
+        x = torch.nn.functional.silu(g) * u
+    rows = N if chunk_mb == 0 else max(16, min(N, int(chunk_mb * (1 << 20)) // (2 * K)))
+    buf = _scratch(rows * K, x.device)
+    direct = out is None or out.dtype == x.dtype
+    y = out if direct and out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = dequantize(fmt, codes[n0:n1], scales[n0:n1], buf[: (n1 - n0) * K].view(n1 - n0, K))
+        if residual is not None:
+            if residual.data_ptr() != y.data_ptr():
+                y[:, n0:n1].copy_(residual[:, n0:n1])
+            y[:, n0:n1].addmm_(x, w.t())
+        else:
+            torch.mm(x, w.t(), out=y[:, n0:n1])
+    if out is None:
+        return y if out_dtype is None or out_dtype == y.dtype else y.to(out_dtype)
+    if not direct:
+        out.copy_(y)
     return out
 
 
