@@ -46,7 +46,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def source_line(data: dict[str, Any]) -> str:
     env = data["environment"]
-    return (f"*{env['device_name']}, {env['date'][:10]}: `{env['command']}` "
+    device = env.get("device_name") or env.get("gpu") or env["device"]
+    return (f"*{device}, {env['date'][:10]}: `{env['command']}` "
             f"(torch {env['torch']}; [{Path(data['_file']).name}](../{data['_file']}))*")
 
 
@@ -152,15 +153,46 @@ def render_decode(results: list[dict[str, Any]]) -> str:
             what += f"; {settings['threads']} threads"
         out.append(f"Decode {what}:\n")
         out.append(table(header, rows))
-        predicted = [(r, r["prediction"]) for r in data["results"] if r.get("prediction")]
+        predicted = dict.fromkeys((r["variant"], r["prediction"]) for r in data["results"] if r.get("prediction"))
         if predicted:
             out.append("\nPredictions written before the run:\n")
-            out += [f"- {Path(r.get('file', '')).name} {r['variant']}: {text}" for r, text in predicted]
+            out += [f"- {variant}: {text}" for variant, text in predicted]
         out.append("\n" + source_line(data) + "\n")
     return "\n".join(out)
 
 
+def render_engine_check(results: list[dict[str, Any]]) -> str:
+    """scripts/gpu_engine_check.py: each check's measure per file, with its tolerance."""
+
+    def measure(c: dict[str, Any]) -> str:
+        for key in ("rel_err", "norm_err", "max_diff", "agreement"):
+            if key in c:
+                return f"{c[key]:.2g}" if key != "agreement" else f"{c[key]:.0%}"
+        if "matching" in c:
+            return f"{c['matching']}/{c['tokens']} tokens"
+        return "ok" if c.get("ok") else "failed"
+
+    out = []
+    for data in results:
+        files = data["files"]
+        names = list(dict.fromkeys(k for f in files for k in f["checks"]))
+        rows = []
+        for name in names:
+            cells = []
+            for f in files:
+                c = f["checks"].get(name)
+                cells.append("–" if c is None else (measure(c) if c.get("ok") else f"**{measure(c)} (failed)**"))
+            any_c = next(f["checks"][name] for f in files if name in f["checks"])
+            limit = any_c.get("tol", any_c.get("min"))
+            rows.append([name.replace("_", " "), *cells, "–" if limit is None else f"{limit:g}"])
+        out.append(table(["check", *(f["file"] for f in files), "tolerance / minimum"], rows))
+        out.append(f"\nAll checks passed: **{'yes' if data.get('ok') else 'no'}**.\n")
+        out.append(source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "gpu-engine-check": render_engine_check,
     "decode": render_decode,
     "zerocopy": render_zerocopy,
     "snapshot": render_snapshot,
