@@ -96,6 +96,9 @@ def build(
             shutil.copyfile(cached, out)
         return out
     cached.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # the first build on a machine takes a while: say so
+        print(f"driftwood: compiling {src.name} to wasm32-wasi with Zig (the first build on a machine "
+              "also compiles WASI libc: about a minute and a half) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         tmp_out = Path(tmp) / "guest.wasm"
         cmd = [sys.executable, "-m", "ziglang", "cc", *all_flags]
