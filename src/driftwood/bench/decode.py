@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, final version: batch 1 gemvT (Q4_0 ~0.78 ms, Q8_0 ~0.93, BF16 ~1.35); "
+    "graphs": ({}, {}, "2026-11-22, third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
+               "(16 fewer kernels a token at batch 1, up to 16 rows for Q4_0/Q8_0): ~-50 us a token, Q4_0 ~0.73, "
+               "Q8_0 ~0.88, BF16 ~1.29 ms; batches unchanged. Second pass, final version: batch 1 gemvT (Q4_0 ~0.78 ms, Q8_0 ~0.93, BF16 ~1.35); "
                "batches: per matrix shape the fastest measured of gemvT per row, the per-slot tl.dot "
                "kernel and dequantize + cuBLAS (sweep sums x 0.78, the graph-to-sweep ratio of the 4th "
                "version): Q4_0 batch 64 ~3.5 ms a step (~18k tok/s, ~14x batch 1), batch 8 ~1.5 ms "
@@ -214,6 +216,13 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "graphs-unfused-norm": ({}, {"fuse_norm": False}, "RMSNorm as its own kernel before the QKV, gate|up "
                             "and head products (33 more kernels a step at batch 1): ~+80 us a token "
                             "(~2.5 us a kernel in a graph)"),
+    "graphs-unfused-rope": ({}, {"fuse_rope": False}, "third pass: RoPE and the cache write as their own "
+                           "kernel after the QKV product (the second pass's step; 16 more kernels a token): "
+                           "~+50 us a token (~3 us a small kernel in a graph)"),
+    "graphs-pdl": ({}, {"pdl": True}, "third pass: every Triton kernel of the step launched with programmatic "
+                   "dependent launch, the GEMVs loading their weights before waiting on the previous kernel: "
+                   "~-1.5 us a kernel boundary (~100 a token) on top of the fused RoPE: Q4_0 ~0.58, Q8_0 ~0.74, "
+                   "BF16 ~1.14 ms"),
     "fused-eager": ({}, {"capture": False}, "the same kernels launched from Python: ~+1 ms of "
                     "launch overhead (~150 launches at ~7 us)"),
     "torch-eager": ({"graphs": False, "weights": "dense"}, {}, "the eager torch path on dense "
@@ -271,8 +280,9 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    if "dense" in step_kw or "fuse_norm" in step_kw:
-        model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True))
+    if {"dense", "fuse_norm", "fuse_rope", "pdl"} & step_kw.keys():
+        model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True),
+                                     step_kw.get("fuse_rope", True), step_kw.get("pdl", False))
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,

@@ -4,8 +4,9 @@
 cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
 row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
 product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
-the residual: 8 kernels a layer with :class:`TritonOps`, 6 for one row, where each RMSNorm runs
-inside the product that follows it (``fuse_norm``). :class:`TorchOps` computes the same
+the residual: 9 kernels a layer with :class:`TritonOps` (attention is two), 6 for one row, where
+each RMSNorm runs inside the product that follows it (``fuse_norm``) and RoPE with the cache
+write in the QKV product's epilogue (``fuse_rope``). :class:`TorchOps` computes the same
 functions with torch operations (the CPU, and the reference in tests).
 
 :class:`GraphDecoder` captures the step once per batch-size bucket (1, 2, 4, ... rows of the
@@ -63,6 +64,11 @@ class TorchOps:
         """``linear(rms_norm(x, weight, eps), layer)``."""
         return self.linear(self.rms_norm(x, weight, eps), layer, out_dtype=out_dtype)
 
+    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+        """``rope_store(norm_linear(x, weight, eps, layer), pos, ...)``: the rotated queries (B, H, D)."""
+        qkv = self.norm_linear(x, weight, eps, layer)
+        return self.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         B = qkv.shape[0]
         angles = pos[:, None].float() * inv_freq  # (B, D/2)
@@ -90,14 +96,19 @@ class TritonOps(TorchOps):
     ``dense``: how dense matrices run for more than one row, ``"cublas"`` (torch.mm, then the
     residual added) or ``"triton"`` (the gemv kernel); one row always takes the gemv kernel,
     whose fused residual and SiLU measured 1.34 against 1.43 ms/token (docs/gpu.md).
+    ``fuse_rope``: RoPE and the cache write in the QKV product's epilogue where the product runs
+    one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
     """
 
-    def __init__(self, dense: str = "cublas", fuse_norm: bool = True) -> None:
+    def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
+                 pdl: bool = False) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
         self.dense = dense
         self.fuse_norm = fuse_norm
+        self.fuse_rope = fuse_rope
+        self.pdl = pdl
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -109,25 +120,36 @@ class TritonOps(TorchOps):
         return None
 
     def rms_norm(self, x, weight, eps):
-        return self.k.rms_norm(x, weight, eps)
+        return self.k.rms_norm(x, weight, eps, pdl=self.pdl)
 
     def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None):
         args = self._gemv_args(x, layer)
         if args is not None:
-            return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype)
+            return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
+                               pdl=self.pdl)
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
 
     def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):
         args = self._gemv_args(x, layer)
         if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
-            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps))
+            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl)
         return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
+    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
+        args = self._gemv_args(x, layer)
+        m, n, kd = x.shape[0], (n_heads + 2 * n_kv_heads) * head_dim, x.shape[1]
+        if (self.fuse_rope and self.fuse_norm and args is not None and k_cache.dtype == x.dtype
+                and self.k.fuses_norm(args[0], m, n, kd) and self.k.fuses_rope(args[0], m, n, kd, head_dim=head_dim)):
+            rope = (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+            return self.k.gemv(x, *args, norm=(weight, eps), rope=rope, pdl=self.pdl)
+        return super().qkv_rope(x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads,
+                                head_dim)
+
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-        return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
+        return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim, pdl=self.pdl)
 
     def attention(self, q, k_cache, v_cache, pos):
-        return self.k.attention(q, k_cache, v_cache, pos)
+        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl)
 
 
 class DecodeStep:
@@ -146,8 +168,8 @@ class DecodeStep:
         B = tokens.shape[0]
         x = t.embed(tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
-            qkv = ops.norm_linear(x, layer.attn_norm, layer.eps, layer.attn.wqkv)  # (B, (H + 2 Hkv) D)
-            q = ops.rope_store(qkv, pos, t.inv_freq, k[i, :B], v[i, :B], *self.dims)  # (B, H, D)
+            q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
+                             *self.dims)  # (B, H, D); k, v written at pos
             a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
             x = ops.linear(a, layer.attn.wo, residual=x)
             gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)

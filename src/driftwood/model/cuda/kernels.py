@@ -32,9 +32,75 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
 DENSE, Q8_0, Q4_0 = 0, 1, 2
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for tests) multiplies bfloat16 dots wrongly
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pdl_supported() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None and not INTERPRET
+    except Exception:  # no NVIDIA backend
+        return False
+
+
+PDL_SUPPORTED = _pdl_supported()
+
+
+def _launch(pdl: bool) -> dict:
+    """Launch options for programmatic dependent launch (Hopper): the kernel may start before the
+    previous one ends; every kernel launched so calls ``gdc_wait`` before it reads anything the
+    previous kernels wrote and before it writes."""
+    return {"launch_pdl": True} if pdl and PDL_SUPPORTED else {}
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Let the next kernel launch (its programs start as ours leave the SMs)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel (and so every earlier one) to finish, its writes visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The QKV product's rows rn (BLOCK_N even, the block starting at an even row) of sequence m
+    as :func:`rope_store` treats them: rounded to the cache dtype, the query and key pairs
+    (2i, 2i + 1) rotated at position pos[m], queries to q (m, H, D), keys and values into the
+    caches at pos[m]."""
+    dt = q_ptr.dtype.element_ty
+    p = tl.load(pos_ptr + m)
+    y = y.to(dt).to(tl.float32)
+    e, o = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+    rp = tl.reshape(rn, (BLOCK_N // 2, 2))
+    ne, _ = tl.split(rp)  # the pair's even row
+    i = (ne % D) // 2
+    angle = p.to(tl.float32) * tl.load(inv_ptr + i)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    rot = ne < (H + HKV) * D  # queries and keys; values stay as they are
+    re = tl.where(rot, e * cos - o * sin, e)
+    ro = tl.where(rot, o * cos + e * sin, o)
+    y = tl.reshape(tl.join(re, ro), (BLOCK_N,))
+    head = rn // D
+    d = rn % D
+    kv = tl.where(head >= H + HKV, head - H - HKV, head - H)
+    off = m * sc_b + kv * sc_h + p * sc_t + d
+    ptr = tl.where(head < H, q_ptr + m * (H * D) + rn, tl.where(head < H + HKV, k_ptr + off, v_ptr + off))
+    tl.store(ptr, y.to(dt), mask=mask_n)
 
 
 @triton.jit
@@ -204,8 +270,10 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K
 
 @triton.jit
 def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K: tl.constexpr, stride_xm,
-                    stride_rm, stride_om, FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                    NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
+                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """As _qgemv_kernel, with the whole row in one block (BLOCK_K = next power of two >= K) and
     the tile laid out (words, rows): with num_warps chosen so that the warps span the words
     exactly, each thread holds the same words of all BLOCK_N rows, and the activations, their
@@ -223,10 +291,13 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
     mask_w = (ri < KW) if BLOCK_K != K else (ri < BW)  # all true when K == BLOCK_K (folded)
     cbase = (ri // WG) * 32 + ri % WG
     xrow = x_ptr + m * stride_xm
-    r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
+    _pdl_start(PDL)
+    # the weights first: with PDL their loads overlap the previous kernel's tail
     w = tl.load(w_ptr + rn[None, :] * KW + ri[:, None], mask=mask_w[:, None], other=0)  # (BW, BLOCK_N)
     s = tl.load(s_ptr + rn[None, :] * (K // 32) + (ri // WG)[:, None], mask=mask_w[:, None],
                 other=0.0).to(tl.float32)
+    _pdl_wait(PDL)
+    r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
     if FMT == 1:
         w = w ^ -0x7F7F7F80
     part = tl.zeros((BW, BLOCK_N), dtype=tl.float32)
@@ -238,7 +309,11 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
     y = tl.sum(s * (part - corr[:, None]), axis=0)  # (BLOCK_N,)
     if HAS_RES:
         y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if ROPE:
+        _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                             H, HKV, D, BLOCK_N)
+    else:
+        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -281,10 +356,14 @@ def _qgemm_g_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, s
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm, stride_rm,
-                 stride_om, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                 stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                 GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                  USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, F32: tl.constexpr):
-    """Dense weights (the compute dtype); NORM (one row of x a program): RMSNorm first."""
+                 BLOCK_K: tl.constexpr, F32: tl.constexpr, ROPE: tl.constexpr,
+                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    """Dense weights (the compute dtype); NORM (one row of x a program): RMSNorm first; ROPE
+    (one row of x a program): the QKV product's epilogue of :func:`rope_store`. The first
+    k-block of weights is loaded ahead (before the PDL wait), each next one during the current."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -292,14 +371,18 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
     mask_m = rm < M
     mask_n = rn < N
     rk = tl.arange(0, BLOCK_K)
+    _pdl_start(PDL)
+    w_next = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None], other=0)
+    _pdl_wait(PDL)
     r = _inv_rms(x_ptr + pid_m * stride_xm, K, eps, BLOCK_K) if NORM else 1.0
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=mask_n[:, None], other=0)
-        w = w.to(tl.float32)
+        w = w_next.to(tl.float32)
+        w_next = tl.load(w_ptr + rn[:, None] * K + (k0 + BLOCK_K + rk)[None, :],
+                         mask=mask_n[:, None] & (k0 + BLOCK_K + rk < K)[None, :], other=0)
         if NORM:  # BLOCK_M == 1
             x = _load_x1(x_ptr + pid_m * stride_xm, k0 + rk, K, GLU, NORM, nw_ptr, r, rk < BLOCK_K)[None, :]
         else:
@@ -313,7 +396,11 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if ROPE:  # BLOCK_M == 1
+        _rope_store_epilogue(tl.reshape(acc, (BLOCK_N,)), rn, mask_n, pid_m, pos_ptr, inv_ptr, q_ptr, k_ptr,
+                             v_ptr, sc_b, sc_h, sc_t, H, HKV, D, BLOCK_N)
+    else:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep
@@ -360,14 +447,29 @@ def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = 
     return cfg[0] in ("gemv", "gemvT") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
+def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
+    """Whether :func:`gemv` can put the QKV product through RoPE and into the cache itself: one
+    row of x per program (gemvT, or the dense kernel with one row a block), blocks of an even
+    number of rows dividing the head dimension."""
+    cfg = config or pick_config(fmt, m, n, k)
+    ok = (cfg[0] == 1 and not cfg[4]) if fmt == DENSE else cfg[0] == "gemvT"
+    bn = cfg[1]
+    return ok and bn % 2 == 0 and head_dim % bn == 0
+
+
 def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | None, *,
          residual: torch.Tensor | None = None, glu: bool = False, out: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: tuple | None = None,
-         norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
+         pdl: bool = False) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``) -> (M, N) = x' @ W.T (+ residual (M, N)).
 
     ``out`` may be ``residual`` itself (each element is read, then written, by one program).
     ``norm`` (weight (K,), eps): x' = rms_norm(x) computed inside (only where :func:`fuses_norm`).
+    ``rope`` (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim): W is the QKV
+    matrix and the product goes where :func:`rope_store` puts it (only where :func:`fuses_rope`);
+    returns the rotated queries (M, H, D). ``pdl``: programmatic dependent launch (gemvT and the
+    dense one-row kernel).
     """
     M = x.shape[0]
     N = codes.shape[0]
@@ -375,10 +477,21 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     assert x.stride(1) == 1 and codes.is_contiguous()
     cfg = config or pick_config(fmt, M, N, K)
     if cfg[0] == "mm":
-        assert norm is None and fmt != DENSE
+        assert norm is None and rope is None and fmt != DENSE
         return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1])
+    if rope is not None:
+        pos, inv_freq, kc, vc, H, HKV, D = rope
+        assert fuses_rope(fmt, M, N, K, cfg, D) and N == (H + 2 * HKV) * D and residual is None
+        assert kc.stride() == vc.stride() and kc.stride(3) == 1 and kc.dtype == x.dtype
+        out = torch.empty(M, H, D, dtype=x.dtype, device=x.device)  # the rotated queries
+        rope_args = (pos, inv_freq, out, kc, vc, kc.stride(0), kc.stride(1), kc.stride(2))
+        rope_kw = dict(ROPE=True, H=H, HKV=HKV, D=D)
+    else:
+        rope_kw = dict(ROPE=False, H=1, HKV=1, D=2)
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    if rope is None:
+        rope_args = (x, x, out, out, out, 0, 0, 0)
     res = residual if residual is not None else out
     common = dict(GLU=glu, HAS_RES=residual is not None, NORM=norm is not None)
     nw, eps = norm if norm is not None else (x, 0.0)
@@ -389,8 +502,8 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         assert K % bk == 0, (K, bk)
         grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
         _gemv_kernel[grid](x, codes, res, out, nw, eps, M, N, K, x.stride(0), res.stride(0), out.stride(0),
-                           USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET,
-                           num_warps=warps, **common)
+                           *rope_args, USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET,
+                           num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common, **rope_kw, **_launch(pdl))
         return out
     assert codes.dtype == torch.int32 and codes.shape[1] * (8 if fmt == Q4_0 else 4) == K, (codes.shape, K)
     kind = cfg[0]
@@ -407,7 +520,8 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         warps = max(1, min(16, bk // (8 if fmt == Q4_0 else 4) // (32 * wpt)))
         _qgemv_t_kernel[(triton.cdiv(N, bn), M)](
             x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
-            FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common)
+            *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
+            **rope_kw, **_launch(pdl))
     else:
         _, bm, bn, bk, warps = cfg
         common.pop("NORM")
@@ -500,10 +614,12 @@ def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     r = tl.arange(0, BLOCK)
     mask = r < D
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     x = tl.load(x_ptr + row * D + r, mask=mask, other=0.0).to(tl.float32)
     h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + r, mask=mask, other=0.0)
@@ -512,20 +628,23 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * D + r, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+             pdl: bool = False) -> torch.Tensor:
     """x (M, D) contiguous -> (M, D)."""
     out = torch.empty_like(x) if out is None else out
     D = x.shape[-1]
     _rms_norm_kernel[(x.shape[0],)](x, weight, out, D, eps, BLOCK=triton.next_power_of_2(D),
-                                     num_warps=4 if D <= 4096 else 8)
+                                     num_warps=4 if D <= 4096 else 8, PDL=pdl and PDL_SUPPORTED, **_launch(pdl))
     return out
 
 
 @triton.jit
 def _rope_store_kernel(qkv_ptr, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, sc_b, sc_h, sc_t,
-                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)  # query heads, then KV heads
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     i = tl.arange(0, D // 2)
     p = tl.load(pos_ptr + b)
     angle = p.to(tl.float32) * tl.load(inv_ptr + i)
@@ -551,7 +670,7 @@ def _rope_store_kernel(qkv_ptr, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, stride_qk
 
 def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int,
-               q_out: torch.Tensor | None = None) -> torch.Tensor:
+               q_out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv (B, (H + 2 Hkv) D), pos (B,) -> rotated q (B, H, D); rotated k and v stored at
     ``k_cache[b, :, pos[b]]`` / ``v_cache[...]`` (k_cache, v_cache: one layer, (Bc, Hkv, cap, D))."""
     B = qkv.shape[0]
@@ -560,7 +679,8 @@ def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, k_c
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     _rope_store_kernel[(B, n_heads + n_kv_heads)](
         qkv, pos, inv_freq, q_out, k_cache, v_cache, qkv.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), H=n_heads, HKV=n_kv_heads, D=head_dim, num_warps=1)
+        k_cache.stride(1), k_cache.stride(2), H=n_heads, HKV=n_kv_heads, D=head_dim, num_warps=1,
+        PDL=pdl and PDL_SUPPORTED, **_launch(pdl))
     return q_out
 
 
@@ -568,10 +688,12 @@ def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, k_c
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, sc_b, sc_h, sc_t, scale,
                        H: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                       F32: tl.constexpr):
+                       F32: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split of the sequence
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     length = tl.load(pos_ptr + b) + 1
     start = s * SPLIT
     end = tl.minimum(start + SPLIT, length)
@@ -605,8 +727,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, sc_b, sc_h, 
 
 
 @triton.jit
-def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr):
+def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)  # b * H + h
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     rs = tl.arange(0, NSPLIT)
     rd = tl.arange(0, D)
     m = tl.load(ml_ptr + (row * NSPLIT + rs) * 2)
@@ -624,7 +748,7 @@ def attention_splits(capacity: int) -> tuple[int, int]:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """q (B, H, D) at positions pos (B,) over ``k_cache[b, :, :pos[b] + 1]`` (one layer,
     (Bc, Hkv, cap, D)) -> (B, H * D)."""
     B, H, D = q.shape
@@ -636,8 +760,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     _attn_split_kernel[(B, Hkv, nsplit)](
         q, k_cache, v_cache, pos, o, ml, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D**-0.5, H=H, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=split,
-        NSPLIT=nsplit, BLOCK_T=64, F32=INTERPRET, num_warps=4)
+        NSPLIT=nsplit, BLOCK_T=64, F32=INTERPRET, num_warps=4, PDL=pdl and PDL_SUPPORTED, **_launch(pdl))
     if out is None:
         out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
-    _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1)
+    _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1, PDL=pdl and PDL_SUPPORTED,
+                                   **_launch(pdl))
     return out
