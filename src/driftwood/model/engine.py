@@ -159,6 +159,16 @@ def prefill_rows(model: Model, cache: KVCache, ids: Sequence[int], start: int) -
     return t.output(x[0, -1]).float()
 
 
+def check_append(held: int, ids: Sequence[int], capacity: int, vocab: int, *, prefix: str = "",
+                 owner: str = "the") -> None:
+    """Refuse appending ``ids`` to a sequence holding ``held`` tokens: past ``capacity``
+    (ContextFull), or ids outside the vocabulary (ValueError)."""
+    if held + len(ids) > capacity:
+        raise ContextFull(f"{prefix}{held} + {len(ids)} tokens exceed {owner} capacity of {capacity}")
+    if any(not 0 <= i < vocab for i in ids):
+        raise ValueError(f"token id out of range [0, {vocab})")
+
+
 class Session:
     """One sequence: ``tokens`` (its history), ``position`` (== len(tokens)), ``capacity``,
     a KV cache and a seeded sampler RNG."""
@@ -187,12 +197,7 @@ class Session:
         return torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
 
     def _validate(self, ids: Sequence[int]) -> None:
-        if self.position + len(ids) > self.capacity:
-            raise ContextFull(f"{self.position} + {len(ids)} tokens exceed the session's "
-                              f"capacity of {self.capacity}")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"token id out of range [0, {vocab})")
+        check_append(self.position, ids, self.capacity, self.model.config.vocab_size, owner="the session's")
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
@@ -342,20 +347,16 @@ class Batch:
     def positions(self) -> list[int]:
         return [len(t) for t in self.tokens]
 
-    def _check(self, row: int, n: int, ids: Sequence[int]) -> None:
-        if len(self.tokens[row]) + n > self.capacity:
-            raise ContextFull(f"row {row}: {len(self.tokens[row])} + {n} tokens exceed the "
-                              f"capacity of {self.capacity}")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"token id out of range [0, {vocab})")
+    def _check(self, row: int, ids: Sequence[int]) -> None:
+        check_append(len(self.tokens[row]), ids, self.capacity, self.model.config.vocab_size,
+                     prefix=f"row {row}: ")
 
     @torch.inference_mode()
     def prefill(self, row: int, ids: Sequence[int]) -> torch.Tensor:
         """Append ``ids`` to row ``row``; the logits after the last one, (vocab,) float32."""
         if not ids:
             raise ValueError("prefill needs at least one token")
-        self._check(row, len(ids), ids)
+        self._check(row, ids)
         logits = prefill_rows(self.model, self.cache.rows(row, row + 1), ids, len(self.tokens[row]))
         self.tokens[row].extend(ids)
         return logits
@@ -366,7 +367,7 @@ class Batch:
         if len(tokens) != self.batch:
             raise ValueError(f"decode takes one token per row ({self.batch}), got {len(tokens)}")
         for b, tok in enumerate(tokens):
-            self._check(b, 1, [tok])
+            self._check(b, [tok])
         positions = self.positions
         if self._decoder is not None:
             logits = self._decoder(tokens, positions).clone()
