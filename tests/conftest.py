@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,24 @@ def forwarder(module: str, signatures: dict[str, int], pages: int) -> str:
         exports.append(f'(func (export "{name}") {params} (result i32) (call ${name} {args}))')
     memory = f'(memory (export "memory") {pages} {pages})'
     return "(module\n" + "\n".join([*imports, memory, *exports]) + ")"
+
+
+def noisy_call(driver, size: int, seed: int, layout, name: str, args) -> tuple[int, np.ndarray]:
+    """Fill the guest's first ``size`` bytes with seeded noise, write ``layout`` ((offset,
+    bytes) pairs) over it, call ``name(*args)`` through ``driver``; returns the result and the
+    offsets of the bytes the call changed."""
+    whole = driver.actor.arena.numpy(0, size)
+    whole[:] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    for offset, data in layout:
+        driver.mem.write(offset, data)
+    before = whole.copy()
+    rc = driver(name, *args)
+    return rc, np.flatnonzero(whole != before)
+
+
+def stray_writes(changed, ranges, size: int):
+    """The changed offsets outside every (offset, length) range (u32 offsets wrap)."""
+    allowed = np.zeros(size, dtype=bool)
+    for offset, length in ranges:
+        allowed[offset % 2**32 : offset % 2**32 + length] = True
+    return changed[~allowed[changed]]

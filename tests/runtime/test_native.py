@@ -27,7 +27,7 @@ from driftwood.runtime.abi.native import PREFILL_CHUNK, NativeABI, SessionLimits
 from driftwood.runtime.actor import Actor, Limits, WasiOptions
 from driftwood.runtime.models import ModelPool
 from driftwood.runtime.module import GuestModule
-from tests.conftest import forwarder, quiet, requires_cuda, wat_module
+from tests.conftest import forwarder, noisy_call, quiet, requires_cuda, stray_writes, wat_module
 
 SIGNATURES = {
     "gemm_f32": 6, "session_open": 4, "session_close": 1, "session_info": 2, "session_reset": 1,
@@ -379,22 +379,12 @@ def test_every_function_survives_hostile_arguments(fuzz_actor, call, seed, logit
     d.append(live, prompt_ids(6), logits=logits)
     name, args, layout = call
     args = tuple({"live": live, "closed": closed}.get(a, a) for a in args)
-    whole = d.actor.arena.numpy(0, MEM)
-    whole[:] = np.random.default_rng(seed).integers(0, 256, MEM, dtype=np.uint8)
-    for offset, data in layout:
-        d.mem.write(offset, data)
-    before = whole.copy()
-
-    rc = d(name, *args)
+    rc, changed = noisy_call(d, MEM, seed, layout, name, args)
 
     event(f"{name} -> {rc if rc < 0 else 'ok'}")
     assert rc >= 0 or rc in CODES, rc
     assert "failed" not in caplog.text and "Traceback" not in caplog.text
-    changed = np.flatnonzero(whole != before)
-    allowed = np.zeros(MEM, dtype=bool)
-    for offset, size in _writes(name, args, rc):
-        allowed[offset % 2**32 : offset % 2**32 + size] = True
-    assert allowed[changed].all(), f"{name}{args} -> {rc} wrote outside its outputs"
+    assert not stray_writes(changed, _writes(name, args, rc), MEM).size, f"{name}{args} -> {rc} wrote outside its outputs"
 
 
 # -- the chat agent with the real default model -----------------------------------------------

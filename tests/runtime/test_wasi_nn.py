@@ -13,7 +13,6 @@ import struct
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -30,7 +29,7 @@ from driftwood.runtime.actor import Actor, Limits, WasiOptions
 from driftwood.runtime.hostcall import GuestFault
 from driftwood.runtime.models import ModelPool
 from driftwood.runtime.module import GuestModule
-from tests.conftest import forwarder, quiet, wat_module
+from tests.conftest import forwarder, noisy_call, quiet, stray_writes, wat_module
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 LONGER = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
@@ -462,22 +461,12 @@ def test_every_function_survives_hostile_arguments(fuzz_actor, call, seed, compu
     layout = [(offset, data.replace(TINY, tiny)) for offset, data in layout]
     if name == "load" and layout[1][1].endswith(tiny):  # the builder table holds its length
         layout[2] = (TENSOR_AT, struct.pack("<2I", DATA_AT + 0x800, len(layout[1][1])) + layout[2][1][8:])
-    whole = d.actor.arena.numpy(0, MEM)
-    whole[:] = np.random.default_rng(seed).integers(0, 256, MEM, dtype=np.uint8)
-    for offset, data in layout:
-        d.mem.write(offset, data)
-    before = whole.copy()
-
-    rc = d(name, *args)
+    rc, changed = noisy_call(d, MEM, seed, layout, name, args)
 
     event(f"{name} -> {rc}")
     assert rc in ERRNOS and rc != opts.RUNTIME_ERROR, rc
     assert "failed" not in caplog.text
-    changed = np.flatnonzero(whole != before)
-    allowed = np.zeros(MEM, dtype=bool)
-    for offset, size in _writes(name, args, rc):
-        allowed[offset % 2**32 : offset % 2**32 + size] = True
-    assert allowed[changed].all(), f"{name}{args} -> {rc} wrote outside its outputs"
+    assert not stray_writes(changed, _writes(name, args, rc), MEM).size, f"{name}{args} -> {rc} wrote outside its outputs"
     if rc != 0 and not (rc == opts.TOO_LARGE and name.startswith("get_output")):
         assert changed.size == 0  # a refused call touches nothing
 
