@@ -37,8 +37,11 @@ CASES = [
     ("q4_k", TINY, "float32", "quant", 1e-4),
     ("f32", TINY, "bfloat16", "dense", 3e-2),  # 1.4e-2
     ("f32", TINY, "float16", "dense", 5e-3),  # 2e-3
-    ("q4_1", TINY, "bfloat16", "quant", 3e-2),  # int4, bf16 scales, int8 head: 1.5e-2
-    ("q4_1", TINY, "bfloat16", "hybrid", 3e-2),  # quant, float32 GEMM for long prompts: 1.5e-2
+    # bfloat16 quant: the native kernel (int8 activations per block of 32, as llama.cpp) where
+    # the CPU has AVX-512 VNNI: 2.4e-2 (quant), 3.4e-2 (hybrid); torch's int4 kernel (bf16
+    # scales, int8 head) elsewhere: 1.5e-2
+    ("q4_1", TINY, "bfloat16", "quant", 5e-2),
+    ("q4_1", TINY, "bfloat16", "hybrid", 5e-2),  # quant, float32 GEMM for long prompts
     ("q4_k_m", TINY_LLAMA3, "bfloat16", "quant", 1.5e-1),  # Q6_K parts requantized to int8: 7.9e-2
     # 5.7e-2 against transformers; its long-prompt path (float32 Q6_K) and one-token path (int8
     # Q6_K) differ by the requantization, up to 1.5e-1 at single positions

@@ -14,6 +14,7 @@ skipped when it is not importable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -27,6 +28,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-quant": {"dtype": "bfloat16", "weights": "quant"},
     "bf16-hybrid": {"dtype": "bfloat16", "weights": "hybrid"},
     "bf16-hybrid-compiled": {"dtype": "bfloat16", "weights": "hybrid", "compile": True},
+    # the same with torch's int4/int8 weight-only kernels instead of driftwood.model.cpu's
+    "bf16-hybrid-torch": {"dtype": "bfloat16", "weights": "hybrid", "native": False},
+    "bf16-hybrid-torch-compiled": {"dtype": "bfloat16", "weights": "hybrid", "compile": True,
+                                   "native": False},
 }
 LLAMA_CPP = "llama.cpp"
 PROMPT_TOKENS = 24
@@ -88,10 +93,12 @@ class _Runner:
 def _engine(name: str, args: argparse.Namespace, ids: list[int], capacity: int) -> _Runner:
     import torch
 
-    from driftwood.model import load_model
+    from driftwood.model import cpu, load_model
 
     t = time.perf_counter()
-    model = load_model(args.model, device=args.device, progress=False, **VARIANTS[name])
+    kw = dict(VARIANTS[name])
+    with contextlib.nullcontext() if kw.pop("native", True) else cpu.disabled():
+        model = load_model(args.model, device=args.device, progress=False, **kw)
     load_s = time.perf_counter() - t
     session = model.new_session(capacity=capacity)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -192,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
+    "graphs": ({}, {}, "2026-11-22, fourth pass: attention's split partials combined by the last split "
+               "program of each KV head (an acq_rel counter) instead of a second kernel: 16 fewer kernels a "
+               "token: ~-45 us a token, BF16 ~1.21, Q4_0 ~0.67, Q8_0 ~0.83 ms; batches ~unchanged. "
+               "Third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
                "(16 fewer kernels a token at batch 1, up to 16 rows for Q4_0/Q8_0): ~-50 us a token, Q4_0 ~0.73, "
                "Q8_0 ~0.88, BF16 ~1.29 ms; batches unchanged. Second pass, final version: batch 1 gemvT (Q4_0 ~0.78 ms, Q8_0 ~0.93, BF16 ~1.35); "
                "batches: per matrix shape the fastest measured of gemvT per row, the per-slot tl.dot "
@@ -219,6 +229,8 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "graphs-unfused-rope": ({}, {"fuse_rope": False}, "third pass: RoPE and the cache write as their own "
                            "kernel after the QKV product (the second pass's step; 16 more kernels a token): "
                            "~+50 us a token (~3 us a small kernel in a graph)"),
+    "graphs-split-combine": ({}, {"fuse_combine": False}, "fourth pass: the third pass's step, attention "
+                             "combined by its own kernel (16 more kernels a token): ~+45 us a token"),
     "graphs-pdl": ({}, {"pdl": True}, "third pass: every Triton kernel of the step launched with programmatic "
                    "dependent launch, the GEMVs loading their weights before waiting on the previous kernel: "
                    "~-1.5 us a kernel boundary (~100 a token) on top of the fused RoPE: Q4_0 ~0.58, Q8_0 ~0.74, "
@@ -280,9 +292,10 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    if {"dense", "fuse_norm", "fuse_rope", "pdl"} & step_kw.keys():
+    if {"dense", "fuse_norm", "fuse_rope", "pdl", "fuse_combine"} & step_kw.keys():
         model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True),
-                                     step_kw.get("fuse_rope", True), step_kw.get("pdl", False))
+                                     step_kw.get("fuse_rope", True), step_kw.get("pdl", False),
+                                     step_kw.get("fuse_combine", True))
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,

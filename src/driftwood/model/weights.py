@@ -3,10 +3,12 @@
 Formats (``weights=`` of :func:`driftwood.model.load_model`):
 
 - ``dense``: every matrix dequantized to the compute dtype (exact up to that dtype).
-- ``quant``: 4-bit blocks (Q4_0, Q4_1, Q4_K) stay 4-bit and run through torch's int4
-  weight-only kernel (same codes, group 32; scales rounded to the compute dtype); other matrices
-  are requantized to int8 per output channel for torch's int8 weight-only kernel (lossy). CPU
-  only. On CUDA ``quant`` keeps Q4_0 and Q8_0 matrices as their blocks (:class:`BlockLinear`,
+- ``quant``: in bfloat16 on CPUs with AVX-512 VNNI, 4-bit blocks (Q4_0, Q4_1, Q4_K) and Q8_0
+  stay as their codes and float32 block scales and run through the native kernel of
+  :mod:`driftwood.model.cpu` (activations quantized to int8 per block of 32, as llama.cpp
+  does). Otherwise (float32 compute, other CPUs) 4-bit blocks run through torch's int4
+  weight-only kernel (same codes, group 32; scales rounded to the compute dtype). Other matrices are requantized to int8 per output
+  channel for torch's int8 weight-only kernel (lossy). On CUDA ``quant`` keeps Q4_0 and Q8_0 matrices as their blocks (:class:`BlockLinear`,
   read directly by the Triton kernels of :mod:`driftwood.model.cuda`); other types are dense.
 - ``hybrid``: ``quant`` for a few tokens at a time (decode), plus a float32 copy of each layer
   matrix for prompt chunks of ``DENSE_MIN_TOKENS`` or more, where float32 GEMM beats the int4
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from driftwood.model.gguf import GGUFTensor, Q, dequantize_bytes, unpack
+from driftwood.model import cpu
+from driftwood.model.gguf import Blocks, GGUFTensor, Q, dequantize_bytes, unpack
 
 FORMATS = ("dense", "quant", "hybrid")
 DENSE_MIN_TOKENS = 32  # measured crossover of int4 (bf16) vs float32 GEMM on 2 AVX512 cores
@@ -72,6 +75,24 @@ class Int8Linear(nn.Module):
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
         return y.view(*shape[:-1], self.weight.shape[0])
+
+
+class PackedLinear(nn.Module):
+    """Codes in blocks of 32 with float32 scales and offsets, multiplied by the native CPU
+    kernel (:func:`driftwood.model.cpu.gemv`; layout in :class:`driftwood.model.cpu.Packed`)."""
+
+    def __init__(self, packed: cpu.Packed) -> None:
+        super().__init__()
+        self.bits = packed.bits
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("scale", packed.scale)
+        self.register_buffer("offset", packed.offset)
+        self.out_features, self.in_features = packed.out_features, packed.scale.shape[1] * 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.driftwood.gemv(x.reshape(-1, self.in_features), self.codes, self.scale,
+                                     self.offset, self.bits, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class ConcatLinear(nn.Module):
@@ -205,6 +226,9 @@ def linear(
         dense = torch.cat([p.dequantize(torch.float32) for p in parts])
         return HybridLinear(linear(parts, "quant", dtype, device), dense)
     if fmt in ("quant", "hybrid") and device.type == "cpu":
+        packed = _packed(parts) if dtype == torch.bfloat16 else None  # float32: exact codes
+        if packed is not None:
+            return PackedLinear(packed)
         int4 = [p.qtype in INT4_TYPES for p in parts]
         if all(int4):
             blocks = [unpack(p) for p in parts]
@@ -218,6 +242,20 @@ def linear(
     if len(parts) == 1:
         return DenseLinear(parts[0].dequantize(dtype).to(device))
     return DenseLinear(torch.cat([p.dequantize(dtype) for p in parts]).to(device))
+
+
+def _packed(parts: Sequence[GGUFTensor]) -> cpu.Packed | None:
+    """The parts in the native kernel's layout, or None (another type, a mix, no kernel)."""
+    kinds = {"int4" if p.qtype in INT4_TYPES else p.qtype for p in parts}
+    if len(kinds) != 1 or kinds.pop() not in ("int4", Q.Q8_0) or not cpu.enabled():
+        return None
+    blocks = [unpack(p) for p in parts]
+    if not all(cpu.can_pack(b) for b in blocks):
+        return None
+    offsets = [b.offset if b.offset is not None else torch.zeros_like(b.scale) for b in blocks]
+    whole = Blocks(torch.cat([b.q for b in blocks]), torch.cat([b.scale for b in blocks]),
+                   torch.cat(offsets), 32)
+    return cpu.pack(whole)
 
 
 class Embedding(nn.Module):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from driftwood.errors import BuildError
+from driftwood.paths import cache_root
 
 GUESTS_DIR = Path(__file__).resolve().parent.parent / "guests"
 SDK_INCLUDE = GUESTS_DIR / "include"
@@ -27,10 +28,7 @@ DEFAULT_FLAGS = ("--target=wasm32-wasi", "-O2", "-s", "-Wall", "-Werror=implicit
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DRIFTWOOD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "driftwood"
-    )
-    return Path(root) / "guests"
+    return cache_root() / "guests"
 
 
 @functools.cache
