@@ -4,7 +4,8 @@
 cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
 row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
 product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
-the residual: 9 kernels a layer with :class:`TritonOps` (attention is two), 6 for one row, where
+the residual: 8 kernels a layer with :class:`TritonOps` (attention's splits are combined by the
+last split program of each KV head, ``fuse_combine``), 5 for one row, where
 each RMSNorm runs inside the product that follows it (``fuse_norm``) and RoPE with the cache
 write in the QKV product's epilogue (``fuse_rope``). :class:`TorchOps` computes the same
 functions with torch operations (the CPU, and the reference in tests).
@@ -98,10 +99,11 @@ class TritonOps(TorchOps):
     whose fused residual and SiLU measured 1.34 against 1.43 ms/token (docs/gpu.md).
     ``fuse_rope``: RoPE and the cache write in the QKV product's epilogue where the product runs
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
+    ``fuse_combine``: attention in one kernel (off: the splits combined by a second kernel).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False) -> None:
+                 pdl: bool = False, fuse_combine: bool = True) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
@@ -109,6 +111,7 @@ class TritonOps(TorchOps):
         self.fuse_norm = fuse_norm
         self.fuse_rope = fuse_rope
         self.pdl = pdl
+        self.fuse_combine = fuse_combine
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -149,7 +152,7 @@ class TritonOps(TorchOps):
         return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim, pdl=self.pdl)
 
     def attention(self, q, k_cache, v_cache, pos):
-        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl)
+        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl, combine=self.fuse_combine)
 
 
 class DecodeStep:

@@ -685,10 +685,10 @@ def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, k_c
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, sc_b, sc_h, sc_t, scale,
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, cnt_ptr, out_ptr, sc_b, sc_h, sc_t, scale,
                        H: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                       F32: tl.constexpr, PDL: tl.constexpr):
+                       F32: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split of the sequence
@@ -724,15 +724,21 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, sc_b, sc_h, 
     tl.store(o_ptr + row[:, None] * D + rd[None, :], acc, mask=mask_r[:, None])
     tl.store(ml_ptr + row * 2, m, mask=mask_r)
     tl.store(ml_ptr + row * 2 + 1, denom, mask=mask_r)
+    if COMBINE:
+        # The last split program of this (row, KV head) to finish combines the splits of its
+        # REP query heads (the counter's acq_rel atomic orders the other programs' stores
+        # before these loads) and resets the counter for the next call.
+        done = tl.atomic_add(cnt_ptr + b * (H // REP) + g, 1, sem="acq_rel")
+        if done == NSPLIT - 1:
+            rs = tl.arange(0, NSPLIT)
+            for r in tl.static_range(REP):
+                head_row = b * H + g * REP + r
+                _combine_row(o_ptr, ml_ptr, out_ptr, head_row, rs, rd, D, NSPLIT)
+            tl.atomic_xchg(cnt_ptr + b * (H // REP) + g, 0, sem="relaxed")
 
 
 @triton.jit
-def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr):
-    row = tl.program_id(0)  # b * H + h
-    _pdl_start(PDL)
-    _pdl_wait(PDL)
-    rs = tl.arange(0, NSPLIT)
-    rd = tl.arange(0, D)
+def _combine_row(o_ptr, ml_ptr, out_ptr, row, rs, rd, D: tl.constexpr, NSPLIT: tl.constexpr):
     m = tl.load(ml_ptr + (row * NSPLIT + rs) * 2)
     denom = tl.load(ml_ptr + (row * NSPLIT + rs) * 2 + 1)
     w = tl.exp(m - tl.max(m, axis=0))  # empty splits: exp(-inf) = 0
@@ -741,28 +747,51 @@ def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.con
     tl.store(out_ptr + row * D + rd, y.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0)  # b * H + h
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    _combine_row(o_ptr, ml_ptr, out_ptr, row, tl.arange(0, NSPLIT), tl.arange(0, D), D, NSPLIT)
+
+
 def attention_splits(capacity: int) -> tuple[int, int]:
     """(number of splits, tokens per split) for a cache of ``capacity`` positions."""
     n = min(64, triton.next_power_of_2(max(1, triton.cdiv(capacity, 256))))
     return n, triton.cdiv(triton.cdiv(capacity, n), 64) * 64
 
 
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters that the fused attention leaves zeroed after each call."""
+    key = (device, n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-              out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+              out: torch.Tensor | None = None, pdl: bool = False, combine: bool = True) -> torch.Tensor:
     """q (B, H, D) at positions pos (B,) over ``k_cache[b, :, :pos[b] + 1]`` (one layer,
-    (Bc, Hkv, cap, D)) -> (B, H * D)."""
+    (Bc, Hkv, cap, D)) -> (B, H * D). ``combine``: the splits are combined by the last split
+    program of each KV head (one kernel) rather than by a second kernel."""
     B, H, D = q.shape
     Hkv, cap = k_cache.shape[1], k_cache.shape[2]
     rep = H // Hkv
     nsplit, split = attention_splits(cap)
     o = torch.empty(B * H * nsplit, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H * nsplit, 2, dtype=torch.float32, device=q.device)
-    _attn_split_kernel[(B, Hkv, nsplit)](
-        q, k_cache, v_cache, pos, o, ml, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D**-0.5, H=H, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=split,
-        NSPLIT=nsplit, BLOCK_T=64, F32=INTERPRET, num_warps=4, PDL=pdl and PDL_SUPPORTED, **_launch(pdl))
     if out is None:
         out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
-    _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1, PDL=pdl and PDL_SUPPORTED,
-                                   **_launch(pdl))
+    cnt = _counters(q.device, B * Hkv) if combine else ml
+    _attn_split_kernel[(B, Hkv, nsplit)](
+        q, k_cache, v_cache, pos, o, ml, cnt, out, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        D**-0.5, H=H, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=split,
+        NSPLIT=nsplit, BLOCK_T=64, F32=INTERPRET, num_warps=4, PDL=pdl and PDL_SUPPORTED, COMBINE=combine,
+        **_launch(pdl))
+    if not combine:
+        _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1, PDL=pdl and PDL_SUPPORTED,
+                                       **_launch(pdl))
     return out
