@@ -199,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, fourth pass: attention's split partials combined by the last split "
-               "program of each KV head (an acq_rel counter) instead of a second kernel: 16 fewer kernels a "
-               "token: ~-45 us a token, BF16 ~1.21, Q4_0 ~0.67, Q8_0 ~0.83 ms; batches ~unchanged. "
-               "Third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
+    "graphs": ({}, {}, "2026-11-22, third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
                "(16 fewer kernels a token at batch 1, up to 16 rows for Q4_0/Q8_0): ~-50 us a token, Q4_0 ~0.73, "
                "Q8_0 ~0.88, BF16 ~1.29 ms; batches unchanged. Second pass, final version: batch 1 gemvT (Q4_0 ~0.78 ms, Q8_0 ~0.93, BF16 ~1.35); "
                "batches: per matrix shape the fastest measured of gemvT per row, the per-slot tl.dot "
@@ -229,8 +226,13 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "graphs-unfused-rope": ({}, {"fuse_rope": False}, "third pass: RoPE and the cache write as their own "
                            "kernel after the QKV product (the second pass's step; 16 more kernels a token): "
                            "~+50 us a token (~3 us a small kernel in a graph)"),
-    "graphs-split-combine": ({}, {"fuse_combine": False}, "fourth pass: the third pass's step, attention "
-                             "combined by its own kernel (16 more kernels a token): ~+45 us a token"),
+    "graphs-fused-combine": ({}, {"fuse_combine": True}, "fourth pass: attention's split partials combined "
+                             "by the last split program of each KV head (an acq_rel counter) instead of a "
+                             "second kernel, 16 fewer kernels a token: ~-45 us a token, BF16 ~1.21, Q4_0 "
+                             "~0.67, Q8_0 ~0.83 ms. Measured (2026-11-22, same run as the split step): "
+                             "+15 to +40 us a token (p10 BF16 1.263 vs 1.226, Q4_0 0.733 vs 0.717, Q8_0 "
+                             "0.899 vs 0.865): the serial combine at the kernel's tail costs more than the "
+                             "launch it saves"),
     "graphs-pdl": ({}, {"pdl": True}, "third pass: every Triton kernel of the step launched with programmatic "
                    "dependent launch, the GEMVs loading their weights before waiting on the previous kernel: "
                    "~-1.5 us a kernel boundary (~100 a token) on top of the fused RoPE: Q4_0 ~0.58, Q8_0 ~0.74, "
@@ -295,7 +297,7 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     if {"dense", "fuse_norm", "fuse_rope", "pdl", "fuse_combine"} & step_kw.keys():
         model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True),
                                      step_kw.get("fuse_rope", True), step_kw.get("pdl", False),
-                                     step_kw.get("fuse_combine", True))
+                                     step_kw.get("fuse_combine", False))
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,

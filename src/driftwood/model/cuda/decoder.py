@@ -4,8 +4,7 @@
 cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
 row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
 product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
-the residual: 8 kernels a layer with :class:`TritonOps` (attention's splits are combined by the
-last split program of each KV head, ``fuse_combine``), 5 for one row, where
+the residual: 9 kernels a layer with :class:`TritonOps` (attention is two), 6 for one row, where
 each RMSNorm runs inside the product that follows it (``fuse_norm``) and RoPE with the cache
 write in the QKV product's epilogue (``fuse_rope``). :class:`TorchOps` computes the same
 functions with torch operations (the CPU, and the reference in tests).
@@ -99,11 +98,12 @@ class TritonOps(TorchOps):
     whose fused residual and SiLU measured 1.34 against 1.43 ms/token (docs/gpu.md).
     ``fuse_rope``: RoPE and the cache write in the QKV product's epilogue where the product runs
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
-    ``fuse_combine``: attention in one kernel (off: the splits combined by a second kernel).
+    ``fuse_combine``: attention in one kernel, the splits combined by the last split program of
+    each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False, fuse_combine: bool = True) -> None:
+                 pdl: bool = False, fuse_combine: bool = False) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels

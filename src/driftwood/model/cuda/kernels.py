@@ -773,10 +773,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-              out: torch.Tensor | None = None, pdl: bool = False, combine: bool = True) -> torch.Tensor:
+              out: torch.Tensor | None = None, pdl: bool = False, combine: bool = False) -> torch.Tensor:
     """q (B, H, D) at positions pos (B,) over ``k_cache[b, :, :pos[b] + 1]`` (one layer,
-    (Bc, Hkv, cap, D)) -> (B, H * D). ``combine``: the splits are combined by the last split
-    program of each KV head (one kernel) rather than by a second kernel."""
+    (Bc, Hkv, cap, D)) -> (B, H * D). ``combine``: the splits combined by the last split
+    program of each KV head (one kernel) instead of by a second kernel; off by default, as it
+    measured slower on the H100 (docs/gpu.md, fourth pass)."""
     B, H, D = q.shape
     Hkv, cap = k_cache.shape[1], k_cache.shape[2]
     rep = H // Hkv
