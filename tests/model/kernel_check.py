@@ -51,7 +51,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
         errs[f"dequantize {name} float32 (exact)"] = float((d - w).abs().max())
         d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), dtype=torch.bfloat16, device=device))
         errs[f"dequantize {name} bfloat16"] = rel(d, w)
-    for cfg in [(1, 4, 128, 4, False), (4, 4, 256, 4, False), (16, 16, 64, 4, True)]:
+    for cfg in [(1, 4, 128, 4, False), (1, 2, 128, 2, False), (4, 4, 256, 4, False), (16, 16, 64, 4, True)]:
         errs[f"dense {cfg}"] = rel(K.gemv(x, K.DENSE, wd, None, config=cfg), x.float() @ wd.float().t())
     res = randn(M, N).bfloat16()
     xg = randn(M, 2 * Kd).bfloat16()

@@ -413,7 +413,9 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
 # qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
 _DOT16, _DOT64 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4)
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
-    (DENSE, 1): (1, 4, 1024, 4, False),
+    # scripts/gpu/dense_sweep.py, 2026-11-22 (per layer -2.1 us against (1, 4, 1024, 4) for all)
+    (DENSE, 1): {"wide": (1, 4, 1024, 4, False), "deep": (1, 2, 1024, 4, False),
+                 "narrow": (1, 2, 512, 2, False), "mid": (1, 4, 512, 4, False)},
     (DENSE, 8): (16, 64, 256, 4, True),
     (DENSE, 64): (16, 64, 256, 4, True),
     (Q4_0, 1): ("gemvT", 8, 4),
