@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from driftwood.model.sampling import (
     SamplingParams,
+    frequency_presence_penalty,
     generator_state,
     min_p,
     new_generator,
@@ -81,6 +82,28 @@ def test_repetition_penalty_only_lowers_seen_tokens(values, history, penalty):
             assert after == before
 
 
+@given(logit_lists, st.lists(st.integers(min_value=0, max_value=63), max_size=40),
+       st.floats(min_value=-2.0, max_value=2.0), st.floats(min_value=-2.0, max_value=2.0))
+def test_frequency_and_presence_penalties_follow_the_counts(values, history, frequency, presence):
+    """Against a plain loop over llama.cpp's definition: logit -= count * frequency + presence."""
+    x = torch.tensor(values)
+    history = [h for h in history if h < len(values)]
+    out = frequency_presence_penalty(x, history, frequency, presence)
+    for i, (before, after) in enumerate(zip(x.tolist(), out.tolist(), strict=True)):
+        count = history.count(i)
+        want = before - (count * frequency + presence) if count else before
+        assert after == pytest.approx(want, rel=1e-6, abs=1e-5)
+
+
+def test_penalties_apply_to_the_recent_window_only():
+    """A token seen only before the last ``repeat_last_n`` tokens is not penalized."""
+    logits = torch.zeros(4)
+    logits[2] = 1.0
+    params = SamplingParams(presence_penalty=5.0, repeat_last_n=2)
+    assert sample(logits, params, new_generator(0), history=[2, 0, 1]) == 2
+    assert sample(logits, params, new_generator(0), history=[0, 2, 1]) != 2
+
+
 @settings(deadline=None)
 @given(logit_lists, st.floats(min_value=0.1, max_value=2.0), st.integers(0, 10),
        st.floats(min_value=0.1, max_value=1.0), st.floats(min_value=0.0, max_value=0.5),
@@ -121,7 +144,8 @@ def test_sampling_distribution_follows_the_probabilities():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(min_p=1.5),
-                                 dict(repetition_penalty=0.0), dict(top_k=-1)])
+                                 dict(repetition_penalty=0.0), dict(top_k=-1),
+                                 dict(frequency_penalty=float("nan")), dict(presence_penalty=float("inf"))])
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

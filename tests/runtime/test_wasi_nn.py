@@ -92,11 +92,11 @@ def meta(**keys) -> str:
     return json.dumps({"temp": 0, "ctx-size": 512, **keys})
 
 
-def engine_greedy(model, prompt: str, n: int, ctx: int = 512, stop_ids=None):
+def engine_greedy(model, prompt: str, n: int, ctx: int = 512, stop_ids=None, **penalties):
     """The engine alone: the prompt's tokens, the greedy output tokens, their text."""
     ids = model.tokenizer.encode(prompt)
     with model.new_session(capacity=ctx) as session:
-        done = complete(session, ids, SamplingParams(temperature=0.0), n, stop_ids)
+        done = complete(session, ids, SamplingParams(temperature=0.0, **penalties), n, stop_ids)
     return ids, done.output_ids, model.tokenizer.decode(done.output_ids, skip_special=False)
 
 
@@ -119,6 +119,19 @@ def test_compute_and_stream_match_the_engine(chat, pool, model, prompt):
     ended = out_ids[-1] in model.tokenizer.stop_ids
     assert stream.out == (text.removesuffix(EOG) if ended else text).encode()
     assert stream.meta[0]["output_tokens"] == len(out_ids)
+
+
+@pytest.mark.slow
+def test_frequency_and_presence_penalties_reach_the_sampler(chat, pool, model):
+    """WasmEdge's presence-penalty and frequency-penalty keys change what greedy decoding picks,
+    exactly as the engine's sampler with the same settings does."""
+    _, plain, _ = engine_greedy(model, LONGER, 24)
+    _, ids, text = engine_greedy(model, LONGER, 24, frequency_penalty=0.5, presence_penalty=2.0)
+    assert ids != plain
+    run = run_chat(chat, pool, "--meta", meta(**{"n-predict": 24, "frequency-penalty": 0.5,
+                                                 "presence-penalty": 2.0}), LONGER)
+    assert run.code == 0, run.err
+    assert run.out == text.encode()
 
 
 @pytest.mark.slow

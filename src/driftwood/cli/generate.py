@@ -28,6 +28,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -55,7 +57,9 @@ def _params(args: argparse.Namespace):
 
     try:
         return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+                              min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                              frequency_penalty=args.frequency_penalty,
+                              presence_penalty=args.presence_penalty)
     except ValueError as exc:
         raise DriftwoodError(str(exc)) from None
 

@@ -1,12 +1,13 @@
 """Sampling: small composable functions over a (vocab,) float32 logits vector.
 
-Order, as llama.cpp's default chain: repetition penalty -> temperature -> top-k -> top-p ->
-min-p -> draw. Temperature 0 is greedy (argmax after the penalty). Draws use a seeded
+Order, as llama.cpp's default chain: penalties (repetition, then frequency and presence, over
+the last ``repeat_last_n`` tokens) -> temperature -> top-k -> top-p -> min-p -> draw. Temperature 0 is greedy (argmax after the penalty). Draws use a seeded
 ``torch.Generator`` on the CPU whose state round-trips exactly through bytes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +22,16 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: off
     min_p: float = 0.0  # 0.0: off
     repetition_penalty: float = 1.0  # 1.0: off
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    repeat_last_n: int = 64  # how many recent tokens the penalties look at
+    frequency_penalty: float = 0.0  # subtracted once per occurrence; 0.0: off
+    presence_penalty: float = 0.0  # subtracted once from every token that occurred; 0.0: off
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling parameters {self}")
         if not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0 or self.repeat_last_n < 0:
+            raise ValueError(f"invalid sampling parameters {self}")
+        if not (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty)):
             raise ValueError(f"invalid sampling parameters {self}")
 
 
@@ -38,6 +43,18 @@ def repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: fl
     seen = logits[ids]
     out = logits.clone()
     out[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def frequency_presence_penalty(logits: torch.Tensor, history: Sequence[int], frequency: float,
+                               presence: float) -> torch.Tensor:
+    """Subtract ``count * frequency + presence`` from the logit of each token that occurs
+    ``count > 0`` times in ``history`` (llama.cpp's penalties sampler, OpenAI's definition)."""
+    if (frequency == 0.0 and presence == 0.0) or not history:
+        return logits
+    ids, counts = torch.tensor(list(history), dtype=torch.long).unique(return_counts=True)
+    out = logits.clone()
+    out[ids.to(logits.device)] -= (counts.to(logits.dtype) * frequency + presence).to(logits.device)
     return out
 
 
@@ -93,6 +110,7 @@ def sample(
     x = logits.detach().to("cpu", torch.float32)
     recent = history[-params.repeat_last_n :] if params.repeat_last_n else ()
     x = repetition_penalty(x, recent, params.repetition_penalty)
+    x = frequency_presence_penalty(x, recent, params.frequency_penalty, params.presence_penalty)
     if params.temperature == 0.0:
         return int(torch.argmax(x))
     x = x / params.temperature

@@ -9,6 +9,7 @@ which holds a token back until its bytes complete a UTF-8 character.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -135,14 +136,19 @@ class Tokenizer:
     ) -> list[int]:
         """Token ids for ``text``. Special tokens written in the text are matched unless
         ``parse_special`` is False; BOS is prepended per the model's metadata unless overridden."""
-        self.backend.encode_special_tokens = not parse_special
-        try:
-            ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
-        finally:
-            self.backend.encode_special_tokens = False
+        backend = self.backend if parse_special else self._literal
+        ids: list[int] = backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
+
+    @functools.cached_property
+    def _literal(self) -> _Backend:
+        """A copy of the backend that reads special-token text as plain text. (Toggling the
+        flag on the shared backend around each call would race between threads.)"""
+        literal = _Backend.from_str(self.backend.to_str())
+        literal.encode_special_tokens = True
+        return literal
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)

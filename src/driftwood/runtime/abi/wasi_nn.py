@@ -253,6 +253,8 @@ def _sampling(o: GraphOptions, capacity: int) -> SamplingParams:
         min_p=min(max(o.min_p, 0.0), 1.0),
         repetition_penalty=o.repeat_penalty if o.repeat_penalty > 0 else 1.0,
         repeat_last_n=capacity if o.repeat_last_n < 0 else o.repeat_last_n,
+        frequency_penalty=o.frequency_penalty,
+        presence_penalty=o.presence_penalty,
     )
 
 

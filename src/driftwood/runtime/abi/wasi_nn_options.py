@@ -55,7 +55,7 @@ class GraphOptions:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64  # -1: the whole context
-    presence_penalty: float = 0.0  # accepted; the engine has no presence/frequency penalty
+    presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int = RANDOM_SEED
     ignore_eos: bool = False
