@@ -4,11 +4,14 @@ without the KV cache, and batched against single sequences."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from driftwood.model import load_model
+from driftwood.model import cpu, load_model
 from driftwood.model.reference import hf_model
+from driftwood.model.weights import PackedLinear
 from tests.model.conftest import TINY, TINY_LLAMA3
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog. It's 2024!",
@@ -42,6 +45,7 @@ CASES = [
     # scales, int8 head) elsewhere: 1.5e-2
     ("q4_1", TINY, "bfloat16", "quant", 5e-2),
     ("q4_1", TINY, "bfloat16", "hybrid", 5e-2),  # quant, float32 GEMM for long prompts
+    ("q4_1", TINY, "bfloat16", "quant-torch", 3e-2),  # torch's kernels even where the native one runs
     ("q4_k_m", TINY_LLAMA3, "bfloat16", "quant", 1.5e-1),  # Q6_K parts requantized to int8: 7.9e-2
     # 5.7e-2 against transformers; its long-prompt path (float32 Q6_K) and one-token path (int8
     # Q6_K) differ by the requantization, up to 1.5e-1 at single positions
@@ -77,8 +81,12 @@ def references(tiny_gguf):
 @pytest.mark.parametrize(("file_dtype", "config", "dtype", "weights", "tol"), CASES,
                          ids=[f"{c[0]}-{'llama3' if c[1] is TINY_LLAMA3 else 'tiny'}-{c[2]}-{c[3]}" for c in CASES])
 def test_runner(tiny_gguf, references, file_dtype, config, dtype, weights, tol):
-    model = load_model(str(tiny_gguf(file_dtype, config)), device="cpu", dtype=dtype,
-                       weights=weights, progress=False)
+    weights, _, kernels = weights.partition("-")
+    with cpu.disabled() if kernels == "torch" else contextlib.nullcontext():
+        model = load_model(str(tiny_gguf(file_dtype, config)), device="cpu", dtype=dtype,
+                           weights=weights, progress=False)
+    native = any(isinstance(m, PackedLinear) for m in model.transformer.modules())
+    assert native == (kernels != "torch" and weights != "dense" and dtype == "bfloat16" and cpu.available())
     ref = references(file_dtype, config)
     prompts = [model.tokenizer.encode(p) for p in PROMPTS]
     assert len(prompts[1]) >= 32
