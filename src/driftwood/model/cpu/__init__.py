@@ -2,7 +2,7 @@
 
 ``gemv.cpp`` (read its header for the math and the code layouts) is a torch C++ extension,
 compiled on first use with the machine's C++ compiler and cached under the driftwood cache
-(:func:`driftwood.paths.cache_root`), keyed by the source, torch's version and the flags. It
+(:func:`driftwood.paths.cache_root`), keyed by the source, the torch installation and the flags. It
 registers ``torch.ops.driftwood.gemv``, which ``torch.compile`` calls like any aten op.
 
 It needs an x86-64 CPU with AVX-512 VNNI (the instruction that makes it fast). Where that, or a
@@ -84,7 +84,10 @@ def available() -> bool:
         except ImportError:
             pass
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), " ".join(CFLAGS).encode()]))
+    # one build per torch installation: environments sharing the cache must not rebuild each
+    # other's (their include paths differ, so ninja would see a new command every time)
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), torch.__file__.encode(),
+                                      " ".join(CFLAGS).encode()]))
     name = f"driftwood_cpu_{key.hexdigest()[:16]}"
     build = cache_root() / "cpu-kernels" / name
     try:
