@@ -27,12 +27,15 @@ def random_blocks(n: int, k: int, bits: int, gen: torch.Generator) -> Blocks:
 
 
 def model_of_kernel(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """What the kernel computes, in float64: activations rounded to int8 per block of 32 with
-    scale max|x| / 127, then the exact product with the dequantized weights."""
+    """What the kernel computes: activations rounded to int8 per block of 32 as gemv.cpp does
+    it, in float32 (code = round-half-even(x * (127 / max|x|)), scale max|x| / 127; float64
+    arithmetic would round some ties the other way), then the exact float64 product with the
+    dequantized weights."""
     m, k = x.shape
-    xb = x.double().view(m, k // 32, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0) * d
+    xb = x.float().view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
+    xq = torch.round(xb * inv).double() * (amax / 127.0).double()
     return xq.view(m, k) @ blocks.dequantize(torch.float64).T
 
 
