@@ -28,17 +28,11 @@ from driftwood.model.sampling import (
     set_generator_state,
 )
 from driftwood.model.tokenizer import Tokenizer
-from driftwood.model.weights import FORMATS, DenseLinear
+from driftwood.model.weights import FORMATS, DenseLinear, has_triton
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # tokens per prefill forward: bounds activation and mask memory (the GPU has room for more)
 PREFILL_CHUNK = {"cpu": 512, "cuda": 4096}
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -413,7 +407,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if graphs is None:
-        graphs = dev.type == "cuda" and dt == torch.bfloat16 and _has_triton()
+        graphs = dev.type == "cuda" and dt == torch.bfloat16 and has_triton()
     if graphs and dev.type != "cuda":
         raise ModelError("graphs=True needs a CUDA device")
     if weights == "auto":  # the fastest measured (docs/perf-notes-cpu.md, docs/gpu.md)

@@ -1,8 +1,9 @@
 """Sampling: small composable functions over a (vocab,) float32 logits vector.
 
 Order, as llama.cpp's default chain: penalties (repetition, then frequency and presence, over
-the last ``repeat_last_n`` tokens) -> temperature -> top-k -> top-p -> min-p -> draw. Temperature 0 is greedy (argmax after the penalty). Draws use a seeded
-``torch.Generator`` on the CPU whose state round-trips exactly through bytes.
+the last ``repeat_last_n`` tokens) -> temperature -> top-k -> top-p -> min-p -> draw.
+Temperature 0 is greedy (argmax after the penalties). Draws use a seeded ``torch.Generator`` on
+the CPU whose state round-trips exactly through bytes.
 """
 
 from __future__ import annotations

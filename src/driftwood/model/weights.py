@@ -7,9 +7,11 @@ Formats (``weights=`` of :func:`driftwood.model.load_model`):
   stay as their codes and float32 block scales and run through the native kernel of
   :mod:`driftwood.model.cpu` (activations quantized to int8 per block of 32, as llama.cpp
   does). Otherwise (float32 compute, other CPUs) 4-bit blocks run through torch's int4
-  weight-only kernel (same codes, group 32; scales rounded to the compute dtype). Other matrices are requantized to int8 per output
-  channel for torch's int8 weight-only kernel (lossy). On CUDA ``quant`` keeps Q4_0 and Q8_0 matrices as their blocks (:class:`BlockLinear`,
-  read directly by the Triton kernels of :mod:`driftwood.model.cuda`); other types are dense.
+  weight-only kernel (same codes, group 32; scales rounded to the compute dtype). Other
+  matrices are requantized to int8 per output channel for torch's int8 weight-only kernel
+  (lossy). On CUDA ``quant`` keeps Q4_0 and Q8_0 matrices as their blocks
+  (:class:`BlockLinear`, read directly by the Triton kernels of :mod:`driftwood.model.cuda`);
+  other types are dense.
 - ``hybrid``: ``quant`` for a few tokens at a time (decode), plus a float32 copy of each layer
   matrix for prompt chunks of ``DENSE_MIN_TOKENS`` or more, where float32 GEMM beats the int4
   kernel (which reuses nothing across rows). The output head stays ``quant`` only: it runs on
@@ -196,7 +198,7 @@ class BlockLinear(nn.Module):
             fmt = kernels.Q4_0 if self.fmt == "q4_0" else kernels.Q8_0
             y = kernels.gemv(x.reshape(rows, -1), fmt, self.codes, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _has_triton():
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and has_triton():
             from driftwood.model.cuda import kernels  # the Triton dequantizer, not torch ops
 
             fmt = kernels.Q4_0 if self.fmt == "q4_0" else kernels.Q8_0
@@ -205,7 +207,7 @@ class BlockLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
 
-def _has_triton() -> bool:
+def has_triton() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
@@ -231,11 +233,9 @@ def linear(
             return PackedLinear(packed)
         int4 = [p.qtype in INT4_TYPES for p in parts]
         if all(int4):
-            blocks = [unpack(p) for p in parts]
-            q = torch.cat([b.q for b in blocks])
-            scale = torch.cat([b.scale for b in blocks])
-            offset = torch.cat([b.offset for b in blocks if b.offset is not None])
-            return Int4Linear(q, scale, offset + 8 * scale, dtype)
+            whole = _unpack_all(parts)
+            assert whole.offset is not None
+            return Int4Linear(whole.q, whole.scale, whole.offset + 8 * whole.scale, dtype)
         if any(int4):  # e.g. Q4_K_M's Q6_K attn_v beside Q4_K attn_q, attn_k
             return ConcatLinear([linear([p], "quant", dtype, device) for p in parts])
         return Int8Linear(torch.cat([p.dequantize() for p in parts]), dtype)
@@ -249,13 +249,19 @@ def _packed(parts: Sequence[GGUFTensor]) -> cpu.Packed | None:
     kinds = {"int4" if p.qtype in INT4_TYPES else p.qtype for p in parts}
     if len(kinds) != 1 or kinds.pop() not in ("int4", Q.Q8_0) or not cpu.enabled():
         return None
+    whole = _unpack_all(parts)
+    return cpu.pack(whole) if cpu.can_pack(whole) else None
+
+
+def _unpack_all(parts: Sequence[GGUFTensor]) -> Blocks:
+    """The parts' blocks (one group size) unpacked and stacked by rows; a part without offsets
+    gets zeros where another has them."""
     blocks = [unpack(p) for p in parts]
-    if not all(cpu.can_pack(b) for b in blocks):
-        return None
-    offsets = [b.offset if b.offset is not None else torch.zeros_like(b.scale) for b in blocks]
-    whole = Blocks(torch.cat([b.q for b in blocks]), torch.cat([b.scale for b in blocks]),
-                   torch.cat(offsets), 32)
-    return cpu.pack(whole)
+    offsets = [b.offset for b in blocks]
+    offset = None if all(o is None for o in offsets) else torch.cat(
+        [o if o is not None else torch.zeros_like(b.scale) for o, b in zip(offsets, blocks, strict=True)])
+    return Blocks(torch.cat([b.q for b in blocks]), torch.cat([b.scale for b in blocks]), offset,
+                  blocks[0].group)
 
 
 class Embedding(nn.Module):
