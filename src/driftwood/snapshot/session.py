@@ -20,7 +20,9 @@ sampling (its RNG state is stored too) the same sequence, on the same device and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ import torch
 
 from driftwood import __version__
 from driftwood.errors import SnapshotError
+from driftwood.snapshot import native
 from driftwood.snapshot.format import (
     CHUNK_TOKENS,
     KV_DTYPES,
@@ -293,8 +296,7 @@ def load_session(
         logits = _load_logits(store, rec, model, signed) if rec.logits is not None else None
         loader = _ChunkLoader(store, rec, session, signed)
         parents = [chunk_root(rec.model.identity, rec.kv)] + [c.address for c in rec.chunks[:-1]]
-        for chunk, parent in zip(rec.chunks, parents, strict=True):
-            loader.load(chunk, parent)
+        loader.load_all(rec.chunks, parents)
         loader.finish(session, list(rec.tokens), rec.rng)
     except BaseException:
         if into is None:
@@ -351,8 +353,14 @@ def read_object(store: Store, obj: Obj, signed: bool) -> bytes:
 
 def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -> torch.Tensor:
     assert rec.logits is not None
-    data = read_object(store, rec.logits, signed)
     head = logits_header(model.config.vocab_size)
+    with store.reader(rec.logits.key) as r:
+        view = r.view() if store.verified else None
+        if view is not None and r.size == rec.logits.size:  # in memory and vouched for: no copies
+            if bytes(view[: len(head)].numpy()) != head:
+                raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
+            return view[len(head) :].view(torch.float32).to(model.device, copy=True)
+    data = read_object(store, rec.logits, signed)
     if data[: len(head)] != head:
         raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
     values = torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.float32)
@@ -362,10 +370,13 @@ def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -
 class _ChunkLoader:
     """Reads chunks into a session's cache.
 
-    On the CPU with the cache's own dtype (``direct``): straight into the cache — from a
-    directory store with preadv into its planes (hashing each group while it is in cache), from
-    a memory store with one copy per layer — and the session adopts the bytes in place.
-    (Chunks in parallel threads were slower on a shared 2-core machine.) Otherwise
+    On the CPU with the cache's own dtype (``direct``): straight into the cache, and the
+    session adopts the bytes in place. With the native reader (:mod:`driftwood.snapshot.native`)
+    every chunk in one call on torch's threads: a directory store's files read with preadv into
+    the cache's planes and hashed as they arrive, a memory store's payloads copied. Without
+    it, here, a chunk at a time: preadv into the planes, hashing each group of planes while it
+    is in cache, or one copy per side. (Python threads do not help: python-xxhash holds the
+    GIL.) Signed restores take this path too (sha256 beside xxh3). Otherwise
     (CUDA, or another dtype): into one (n_layers, n_kv_heads, position, head_dim) tensor per
     side on the session's device — from pinned staging buffers (alternating, so reading the next
     chunk overlaps the copy of the last), or straight from a pinned memory store — which
@@ -377,40 +388,98 @@ class _ChunkLoader:
         self.dtype = getattr(torch, rec.kv.dtype)
         self.verify = not store.verified
         self.session = session
-        k_layers, v_layers = cache_layers(session)
-        self.device = k_layers[0].device
-        self.direct = self.device.type == "cpu" and k_layers[0].dtype == self.dtype
-        self.arrays = (byte_arrays(k_layers), byte_arrays(v_layers)) if self.direct else ([], [])
+        first = cache_layers(session)[0][0]  # layer 0's keys: the cache's device and dtype
+        self.device = first.device
+        self.direct = self.device.type == "cpu" and first.dtype == self.dtype
         kv = rec.kv
         shape = (kv.n_layers, kv.n_kv_heads, rec.position, kv.head_dim)
         self.gathered = None if self.direct else {
-            name: torch.empty(shape, dtype=k_layers[0].dtype, device=self.device) for name in ("k", "v")}
+            name: torch.empty(shape, dtype=first.dtype, device=self.device) for name in ("k", "v")}
+        self.expected = np.asarray(rec.tokens, dtype="<i4")
         self.staging: list[torch.Tensor] = []
         self.events: list[Any] = []
         self.turn = 0
 
-    def load(self, chunk: Chunk, parent: str) -> None:
-        """Read, check and place one chunk (``parent``: the previous chunk's address)."""
-        kv, rec = self.rec.kv, self.rec
-        header = chunk_header(rec.model.identity, kv, parent, chunk.start, chunk.count)
+    def load_all(self, chunks: Sequence[Chunk], parents: Sequence[str]) -> None:
+        """Read, check and place every chunk (``parents``: the previous chunk's addresses):
+        on the CPU with the cache's dtype through the native reader (every file of a directory
+        store in one call, or every payload of a memory store) where it is built, else one
+        chunk at a time here. Signed restores stay here (their sha256 is hashlib's)."""
+        headers = [chunk_header(self.rec.model.identity, self.rec.kv, p, c.start, c.count)
+                   for c, p in zip(chunks, parents, strict=True)]
+        if self.direct and not self.signed and native.module() is not None:
+            with contextlib.ExitStack() as stack:
+                readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
+                for chunk, r in zip(chunks, readers, strict=True):
+                    self._check_size(chunk, r)
+                if self.verify and all(r.fileno() is not None for r in readers):
+                    return self._read_native(chunks, headers, readers)
+                views = [r.view() for r in readers]
+                if not self.verify and all(v is not None for v in views):
+                    return self._copy_native(chunks, headers, views)
+        for chunk, header in zip(chunks, headers, strict=True):
+            self.load(chunk, header)
+
+    def _read_native(self, chunks: Sequence[Chunk], headers: list[bytes], readers: list[Reader]) -> None:
+        files = [native.FileChunk(c.start, c.count, r.fileno(), len(h))  # type: ignore[arg-type]
+                 for c, h, r in zip(chunks, headers, readers, strict=True)]
+        k, v = self.session.cache.k, self.session.cache.v
+        for chunk, header, got in zip(chunks, headers, native.read_chunks(files, k, v), strict=True):
+            where = self._where(chunk)
+            if got.error:
+                raise SnapshotError(f"{where}: the file ended early (truncated?)" if got.error < 0
+                                    else f"{where}: {os.strerror(got.error)}")
+            self._check_header(where, got.header, header)
+            if got.digest != chunk.obj.xxh3:
+                raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+            self._check_ids(chunk, got.ids)
+
+    def _copy_native(self, chunks: Sequence[Chunk], headers: list[bytes], views: list[Any]) -> None:
+        payloads = []
+        for chunk, header, view in zip(chunks, headers, views, strict=True):
+            where, n = self._where(chunk), len(header)
+            self._check_header(where, bytes(view[:n].numpy()), header)
+            self._check_ids(chunk, view[view.numel() - 4 * chunk.count :].numpy().view("<i4"))
+            payloads.append((view[n:], native.Span(chunk.start, chunk.count)))
+        native.copy_chunks(payloads, self.session.cache.k, self.session.cache.v)
+
+    @staticmethod
+    def _where(chunk: Chunk) -> str:
+        return f"chunk at token {chunk.start} ({chunk.obj.key})"
+
+    def _check_size(self, chunk: Chunk, r: Reader) -> None:
+        if r.size != chunk.obj.size:
+            raise SnapshotError(f"{self._where(chunk)}: {r.size} bytes, the manifest says {chunk.obj.size} "
+                                "(truncated or replaced)")
+
+    @staticmethod
+    def _check_header(where: str, got: bytes, header: bytes) -> None:
+        if got != header:
+            raise SnapshotError(f"{where}: its header is not the one the manifest describes "
+                                "(corrupted or altered)")
+
+    def _check_ids(self, chunk: Chunk, ids: np.ndarray) -> None:
+        if not np.array_equal(ids, self.expected[chunk.start : chunk.start + chunk.count]):
+            raise SnapshotError(f"{self._where(chunk)} holds other tokens than the manifest")
+
+    def load(self, chunk: Chunk, header: bytes) -> None:
+        """Read, check and place one chunk (``header``: the one the manifest implies)."""
+        kv = self.rec.kv
         t0, t1 = chunk.start, chunk.start + chunk.count
         payload = chunk.count * kv.token_bytes
-        where = f"chunk at token {t0} ({chunk.obj.key})"
+        where = self._where(chunk)
         with self.store.reader(chunk.obj.key) as r:
-            if r.size != chunk.obj.size:
-                raise SnapshotError(f"{where}: {r.size} bytes, the manifest says {chunk.obj.size} "
-                                    "(truncated or replaced)")
+            self._check_size(chunk, r)
             digest = Digester(sha256=self.signed)
             head = r.read(0, len(header))
-            if head != header:
-                raise SnapshotError(f"{where}: its header is not the one the manifest describes "
-                                    "(corrupted or altered)")
+            self._check_header(where, head, header)
             digest.update(head)
             ids = bytearray(4 * chunk.count)
             view = r.view()
             if self.direct and view is None:
                 offset = len(header)
-                for group in _groups(planes(self.arrays[0], t0, t1) + planes(self.arrays[1], t0, t1), READ_GROUP):
+                arrays = [byte_arrays(side) for side in cache_layers(self.session)]
+                for group in _groups(planes(arrays[0], t0, t1) + planes(arrays[1], t0, t1), READ_GROUP):
                     r.readinto(offset, group)
                     for g in group:
                         offset += g.nbytes
@@ -430,8 +499,7 @@ class _ChunkLoader:
                 got = digest.ref(chunk.obj.key)
                 if got.xxh3 != chunk.obj.xxh3 or (self.signed and got.sha256 != chunk.obj.sha256):
                     raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
-        if bytes(ids) != int32_bytes(rec.tokens[t0:t1]):
-            raise SnapshotError(f"{where} holds other tokens than the manifest")
+        self._check_ids(chunk, np.frombuffer(ids, dtype="<i4"))
 
     def _stage(self, r: Reader, offset: int, n: int) -> torch.Tensor:
         cuda = self.device.type == "cuda"

@@ -80,6 +80,11 @@ class Reader(ABC):
         in memory (None otherwise)."""
         return None
 
+    def fileno(self) -> int | None:
+        """An open file descriptor of the object's bytes (from offset 0), where the store
+        keeps it in a file (None otherwise)."""
+        return None
+
     def read(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)
         self.readinto(offset, [buf])
@@ -321,6 +326,9 @@ class _FileReader(Reader):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
+
+    def fileno(self) -> int | None:
+        return self.fd
 
     def readinto(self, offset: int, buffers: Sequence[Buffer]) -> None:
         views = [memoryview(b).cast("B") for b in buffers]

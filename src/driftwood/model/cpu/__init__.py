@@ -16,12 +16,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import hashlib
-import logging
 import os
 import platform
-import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,24 +25,11 @@ from pathlib import Path
 import torch
 
 from driftwood.model.gguf import Blocks
-from driftwood.paths import cache_root
-
-log = logging.getLogger(__name__)
+from driftwood.native import build, cpu_flags
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 _ENABLED = contextvars.ContextVar("driftwood_native_cpu", default=True)
@@ -72,35 +55,11 @@ def available() -> bool:
     """Build or load the kernels once per process; False where they cannot run here."""
     if os.environ.get("DRIFTWOOD_NATIVE", "1") == "0":
         return False
-    if platform.machine() not in ("x86_64", "AMD64") or not set(CPU_FLAGS) <= _cpu_flags():
+    if platform.machine() not in ("x86_64", "AMD64") or not set(CPU_FLAGS) <= cpu_flags():
         return False
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:  # the ninja package's binary, when its venv is not on PATH
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-    source = SOURCE.read_bytes()
-    # one build per torch installation: environments sharing the cache must not rebuild each
-    # other's (their include paths differ, so ninja would see a new command every time)
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), torch.__file__.encode(),
-                                      " ".join(CFLAGS).encode()]))
-    name = f"driftwood_cpu_{key.hexdigest()[:16]}"
-    build = cache_root() / "cpu-kernels" / name
-    try:
-        build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")) and sys.stderr.isatty():
-            print("driftwood: compiling the CPU kernels (once per machine, about 20 s) ...",
-                  file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                           extra_ldflags=["-fopenmp"], build_directory=str(build),
-                           is_python_module=False, verbose=False)
-    except Exception as exc:  # no compiler, no ninja, no cache dir: torch's kernels instead
-        log.warning("the native CPU kernels could not be built, using torch's: %s", exc)
-        return False
+    if build("driftwood_cpu", [SOURCE], cflags=CFLAGS, ldflags=["-fopenmp"], python_module=False,
+             what="the CPU kernels", seconds=20) is None:
+        return False  # no compiler, no ninja, no cache dir: torch's kernels instead
     _register_fake()
     return bool(torch.ops.driftwood.available())
 

@@ -1,0 +1,171 @@
+// Restoring KV chunk files (docs/snapshot-format.md) into a CPU cache, on a few threads and
+// without the GIL.
+//
+// A chunk's payload is: k planes | v planes, each side n_layers * n_kv_heads contiguous planes
+// of (count, head_dim) elements in (layer, kv_head) order. Plane (l, h) of a chunk starting at
+// token t0 lands at cache[side] + l * layer_stride + h * head_stride + t0 * row_bytes, itself a
+// contiguous run of count * row_bytes bytes (the (n_layers, batch, n_kv_heads, capacity,
+// head_dim) cache of model/cache.py, the batch row already applied to the base addresses).
+//
+// read_chunks: whole chunk files -> header, planes and token ids, hashing each file with
+// xxh3-128 as it goes (xxHash 0.8.4, vendored as xxhash.h: the same digest python-xxhash gives
+// the writer). Planes are read with preadv about 256 KiB at a time and hashed while still in the
+// core's cache. copy_chunks: payloads already in memory (checked when they were loaded) ->
+// planes. Chunks are spread over torch's intra-op threads.
+//
+// Nothing here trusts the data: the caller (driftwood/snapshot/native/__init__.py) validates
+// every address range before the call, and compares each header, digest and token id with the
+// manifest before the session adopts the bytes.
+
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr size_t kGroupBytes = 256 << 10;
+constexpr size_t kMaxIov = 512;
+
+struct Cache {
+  uint8_t* side[2];  // k and v at (layer 0, the batch row, kv head 0, position 0)
+  int64_t layers, heads, layer_stride, head_stride, row_bytes;
+
+  uint8_t* plane(int s, int64_t l, int64_t h, int64_t t0) const {
+    return side[s] + l * layer_stride + h * head_stride + t0 * row_bytes;
+  }
+};
+
+// Read all of iov from offset, through short reads. 0, -1 when the file ends first, or errno.
+int read_all(int fd, std::vector<iovec>& iov, int64_t offset) {
+  size_t i = 0;
+  while (true) {
+    while (i < iov.size() && iov[i].iov_len == 0) ++i;  // preadv would return 0 for these
+    if (i == iov.size()) return 0;
+    ssize_t got = preadv(fd, &iov[i], static_cast<int>(std::min(iov.size() - i, kMaxIov)), offset);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return errno;
+    if (got == 0) return -1;
+    offset += got;
+    for (; i < iov.size() && static_cast<size_t>(got) >= iov[i].iov_len; ++i) got -= iov[i].iov_len;
+    if (got > 0) {
+      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + got;
+      iov[i].iov_len -= got;
+    }
+  }
+}
+
+// Run body(0 .. n-1) on torch's intra-op threads, without the GIL. (Threads of our own would
+// compete with torch's OpenMP workers, which spin for milliseconds after each parallel op.)
+void parallel(size_t n, const std::function<void(size_t)>& body) {
+  py::gil_scoped_release no_gil;
+  at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(static_cast<size_t>(i));
+  });
+}
+
+int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes, int64_t t0,
+               int64_t count, uint8_t* ids, uint8_t digest[16]) {
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_128bits_reset(&state);
+  std::vector<iovec> iov{{header, static_cast<size_t>(header_bytes)}};
+  if (int err = read_all(fd, iov, 0)) return err;
+  XXH3_128bits_update(&state, header, header_bytes);
+  int64_t offset = header_bytes;
+  const size_t plane = count * cache.row_bytes;
+  std::vector<uint8_t*> group;
+  auto flush = [&]() -> int {
+    iov.clear();
+    for (uint8_t* p : group) iov.push_back({p, plane});
+    if (int err = read_all(fd, iov, offset)) return err;
+    for (uint8_t* p : group) XXH3_128bits_update(&state, p, plane);
+    offset += group.size() * plane;
+    group.clear();
+    return 0;
+  };
+  for (int s = 0; s < 2; ++s) {
+    for (int64_t l = 0; l < cache.layers; ++l) {
+      for (int64_t h = 0; h < cache.heads; ++h) {
+        group.push_back(cache.plane(s, l, h, t0));
+        if (group.size() * plane >= kGroupBytes) {
+          if (int err = flush()) return err;
+        }
+      }
+    }
+  }
+  if (!group.empty()) {
+    if (int err = flush()) return err;
+  }
+  iov.assign({{ids, static_cast<size_t>(4 * count)}});
+  if (int err = read_all(fd, iov, offset)) return err;
+  XXH3_128bits_update(&state, ids, 4 * count);
+  XXH128_canonical_t canon;
+  XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(&state));
+  std::memcpy(digest, canon.digest, 16);
+  return 0;
+}
+
+Cache make_cache(uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
+                 int64_t head_stride, int64_t row_bytes) {
+  return {{reinterpret_cast<uint8_t*>(k), reinterpret_cast<uint8_t*>(v)}, layers, heads, layer_stride,
+          head_stride, row_bytes};
+}
+
+}  // namespace
+
+// Returns ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early) or errno]).
+py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std::vector<int64_t> header_bytes,
+                      std::vector<int64_t> starts, std::vector<int64_t> counts, std::vector<uintptr_t> ids,
+                      uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
+                      int64_t head_stride, int64_t row_bytes) {
+  const size_t n = fds.size();
+  if (headers.size() != n || header_bytes.size() != n || starts.size() != n || counts.size() != n || ids.size() != n)
+    throw std::invalid_argument("read_chunks: one header, start, count and id buffer per file");
+  const Cache cache = make_cache(k, v, layers, heads, layer_stride, head_stride, row_bytes);
+  std::vector<uint8_t> digests(16 * n);
+  std::vector<int> status(n);
+  parallel(n, [&](size_t c) {
+    status[c] = read_chunk(cache, fds[c], reinterpret_cast<uint8_t*>(headers[c]), header_bytes[c], starts[c],
+                           counts[c], reinterpret_cast<uint8_t*>(ids[c]), &digests[16 * c]);
+  });
+  py::list out;
+  for (size_t c = 0; c < n; ++c) out.append(py::bytes(reinterpret_cast<char*>(&digests[16 * c]), 16));
+  return py::make_tuple(out, status);
+}
+
+void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, std::vector<int64_t> counts,
+                 uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
+                 int64_t head_stride, int64_t row_bytes) {
+  const size_t n = payloads.size();
+  if (starts.size() != n || counts.size() != n)
+    throw std::invalid_argument("copy_chunks: one start and count per payload");
+  const Cache cache = make_cache(k, v, layers, heads, layer_stride, head_stride, row_bytes);
+  // work items of one side of one chunk, so that a single chunk still uses two threads
+  parallel(2 * n, [&](size_t item) {
+    const size_t c = item / 2;
+    const int s = static_cast<int>(item % 2);
+    const size_t plane = counts[c] * cache.row_bytes;
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(payloads[c]) + s * layers * heads * plane;
+    for (int64_t l = 0; l < layers; ++l)
+      for (int64_t h = 0; h < heads; ++h, src += plane) std::memcpy(cache.plane(s, l, h, starts[c]), src, plane);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("read_chunks", &read_chunks, "Read and hash KV chunk files into a CPU cache (chunks.cpp)");
+  m.def("copy_chunks", &copy_chunks, "Copy in-memory KV chunk payloads into a CPU cache (chunks.cpp)");
+}

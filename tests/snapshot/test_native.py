@@ -1,0 +1,184 @@
+"""The native chunk reader (driftwood/snapshot/native): bytes placed where the Python reader
+puts them, digests equal to python-xxhash's, short files and bad arguments refused, and a
+restore through it equal to one through the Python path."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from driftwood.snapshot import native
+from driftwood.snapshot.session import restore_session, save_session
+from driftwood.snapshot.store import DirectoryStore, MemoryStore
+from tests.snapshot.conftest import prompt
+
+pytestmark = pytest.mark.skipif(native.module() is None, reason="the native snapshot reader could not be built here")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@st.composite
+def layouts(draw):
+    """A cache shape, a batch row and consecutive chunks [start, start + count) inside it."""
+    L, B, H, D = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([1, 4, 64, 80]))
+    counts = draw(st.lists(st.integers(1, 300), min_size=1, max_size=5))
+    capacity = sum(counts) + draw(st.integers(0, 40))
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    return (L, B, H, capacity, D), draw(st.integers(0, B - 1)), draw(st.sampled_from(DTYPES)), list(zip(starts, counts, strict=True))
+
+
+def payload(L: int, H: int, D: int, count: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A chunk's k and v, (2, L, H, count, D), of random bits."""
+    n = 2 * L * H * count * D * torch.finfo(dtype).bits // 8
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).view(dtype).view(2, L, H, count, D)
+
+
+def expected_cache(shape, row, dtype, chunks, payloads) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    for (start, count), p in zip(chunks, payloads, strict=True):
+        k[:, row, :, start : start + count] = p[0]
+        v[:, row, :, start : start + count] = p[1]
+    return k, v
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                       b.view(torch.uint8) if b.element_size() == 1 else b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=layouts(), seed=st.integers(0, 2**31 - 1), headers=st.lists(st.integers(0, 600), min_size=5, max_size=5))
+def test_read_chunks_places_every_plane_and_hashes_the_whole_file(tmp_path, layout, seed, headers):
+    shape, row, dtype, chunks = layout
+    L, _, H, _, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    payloads = [payload(L, H, D, count, dtype, gen) for _, count in chunks]
+    files, blobs = [], []
+    for i, ((start, count), p) in enumerate(zip(chunks, payloads, strict=True)):
+        head = os.urandom(headers[i])
+        ids = torch.randint(-(2**31), 2**31 - 1, (count,), dtype=torch.int32, generator=gen)
+        blob = head + p.contiguous().view(torch.uint8).numpy().tobytes() + ids.numpy().astype("<i4").tobytes()
+        path = tmp_path / f"{seed}-{i}"
+        path.write_bytes(blob)
+        files.append((path, head, ids, native.FileChunk(start, count, 0, len(head))))
+        blobs.append(blob)
+    k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    fds = [os.open(path, os.O_RDONLY) for path, *_ in files]
+    try:
+        got = native.read_chunks([native.FileChunk(f.start, f.count, fd, f.header_bytes)
+                                  for (*_, f), fd in zip(files, fds, strict=True)], k, v, row)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    ek, ev = expected_cache(shape, row, dtype, chunks, payloads)
+    assert same_bits(k, ek) and same_bits(v, ev)  # every other row and position untouched (zero)
+    for (_, head, ids, _), blob, r in zip(files, blobs, got, strict=True):
+        assert r.error == 0 and r.header == head and np.array_equal(r.ids, ids.numpy())
+        assert r.digest == xxhash.xxh3_128_hexdigest(blob)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts(), seed=st.integers(0, 2**31 - 1), offset=st.integers(0, 63))
+def test_copy_chunks_places_every_plane(layout, seed, offset):
+    shape, row, dtype, chunks = layout
+    L, _, H, _, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    payloads = [payload(L, H, D, count, dtype, gen) for _, count in chunks]
+    # payloads at any byte offset, as they sit behind a header in a memory store's object
+    flat = [torch.cat([torch.zeros(offset, dtype=torch.uint8), p.contiguous().view(-1).view(torch.uint8)])[offset:]
+            for p in payloads]
+    k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    native.copy_chunks([(f, native.Span(s, c)) for f, (s, c) in zip(flat, chunks, strict=True)], k, v, row)
+    ek, ev = expected_cache(shape, row, dtype, chunks, payloads)
+    assert same_bits(k, ek) and same_bits(v, ev)
+
+
+def test_short_and_unreadable_files_report_errors(tmp_path):
+    k = v = torch.zeros(2, 1, 2, 16, 4)
+    full = 8 + 2 * 2 * 2 * 16 * 4 * 4 + 16 * 4
+    for size in (0, 7, 8, full // 2, full - 1):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(b"\1" * size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            (r,) = native.read_chunks([native.FileChunk(0, 16, fd, 8)], k, v)
+        finally:
+            os.close(fd)
+        assert r.error == -1, size
+    (r,) = native.read_chunks([native.FileChunk(0, 16, 1 << 20, 8)], k, v)  # not an open file
+    assert r.error == errno.EBADF
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda k, v, s: (k, v, [native.Span(10, 7)], 0), "outside a cache of 16"),
+    (lambda k, v, s: (k, v, [native.Span(-1, 2)], 0), "outside"),
+    (lambda k, v, s: (k, v, s, 1), "row 1 of a batch of 1"),
+    (lambda k, v, s: (k, v.double(), s, 0), "one .* shape"),
+    (lambda k, v, s: (k.transpose(3, 4), v.transpose(3, 4), s, 0), "contiguous"),
+    (lambda k, v, s: (k[0], v[0], s, 0), "one .* shape"),
+    (lambda k, v, s: (k, v[:, :, :1], s, 0), "one .* shape"),
+])
+def test_bad_arguments_are_refused_before_the_call(change, message):
+    k, v = torch.zeros(2, 1, 2, 16, 4), torch.zeros(2, 1, 2, 16, 4)
+    k, v, spans, row = change(k, v, [native.Span(0, 16)])
+    with pytest.raises(ValueError, match=message):
+        native.copy_chunks([(torch.zeros(1 << 16, dtype=torch.uint8), s) for s in spans], k, v, row)
+    with pytest.raises(ValueError, match=message):
+        native.read_chunks([native.FileChunk(s.start, s.count, 0, 0) for s in spans], k, v, row)
+
+
+def test_payloads_too_small_or_of_another_kind_are_refused():
+    k = v = torch.zeros(2, 1, 2, 16, 4)
+    need = 2 * 2 * 2 * 16 * 4 * 4
+    for bad in (torch.zeros(need - 1, dtype=torch.uint8), torch.zeros(need, dtype=torch.int16),
+                torch.zeros(2 * need, dtype=torch.uint8)[::2]):
+        with pytest.raises(ValueError, match="payload"):
+            native.copy_chunks([(bad, native.Span(0, 16))], k, v)
+
+
+@pytest.mark.parametrize("source", ["directory", "memory"])
+def test_restores_through_the_native_reader_equal_the_python_path(tiny, tmp_path, source):
+    live = tiny.new_session(capacity=2048, seed=3)
+    logits = live.prefill(prompt(1100))  # four full chunks and a partial one
+    store = DirectoryStore(tmp_path / "s", create=True)
+    save_session(store, "s", live, logits=logits)
+    if source == "memory":
+        memory = MemoryStore()
+        memory.load(store, "s")
+        store = memory
+    calls = {"read_chunks": 0, "copy_chunks": 0}
+
+    def counted(name):
+        real = getattr(native, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    with mock.patch.object(native, "read_chunks", counted("read_chunks")), \
+            mock.patch.object(native, "copy_chunks", counted("copy_chunks")):
+        fast = restore_session(store, "s", tiny)
+    assert calls == {"read_chunks": int(source == "directory"), "copy_chunks": int(source == "memory")}
+    with mock.patch.object(native, "module", lambda: None):
+        slow = restore_session(store, "s", tiny)
+    for name in ("k", "v"):
+        assert torch.equal(fast.session.kv_state()[name], live.kv_state()[name])
+        assert torch.equal(slow.session.kv_state()[name], live.kv_state()[name])
+    assert fast.session.tokens == slow.session.tokens == live.tokens
+    assert torch.equal(fast.logits, logits) and torch.equal(slow.logits, logits)
+
+
+def test_the_build_is_cached_per_source(tmp_path):
+    module = native.module()
+    assert Path(module.__file__).parent.parent.name == "native"
+    assert Path(module.__file__).name.startswith("driftwood_snapshot_")
