@@ -82,6 +82,7 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
     out = []
     for data in results:
         m = data["model"]
+        reads = all("file_read_ms" in r for r in data["rows"])  # files of 2026-11-22 and later
         rows = []
         for r in data["rows"]:
             rows.append([
@@ -89,13 +90,15 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
                 num(r["engine_copy_ms"], 2), f"{r['bytes'] / 1e6:,.1f}", num(r["recompute_ms"], 0),
                 f"{r['speedup_dir']:,.0f}×", f"{r['speedup_mem']:,.0f}×", num(r["bandwidth_ms"], 2),
                 f"{r['dir_vs_bandwidth']:.2f}", f"{r['mem_vs_bandwidth']:.2f}", f"{r['engine_copy_vs_bandwidth']:.2f}",
+                *([num(r["file_read_ms"], 2), f"{r['dir_vs_file_read']:.2f}"] if reads else []),
                 "yes" if r["exact"] else "**no**",
             ])
         out.append(f"**{m['file']}** ({m['dtype']}, {m['kv_bytes_per_token']:,} bytes of KV per token; "
                    f"bandwidth: {data['bandwidth']['what']}):\n")
         out.append(table(["tokens", "save ms", "restore dir ms", "restore mem ms", "engine copy ms", "MB",
                           "recompute ms", "speedup dir", "speedup mem", "bytes÷bw ms", "dir ÷ (bytes÷bw)",
-                          "mem ÷ (bytes÷bw)", "copy ÷ (bytes÷bw)", "exact"], rows))
+                          "mem ÷ (bytes÷bw)", "copy ÷ (bytes÷bw)",
+                          *(["file read ms", "dir ÷ file read"] if reads else []), "exact"], rows))
         inc = [[f"{i['tokens']:,}", str(i["new_tokens"]), num(i["save_ms"], 1), f"{i['bytes_written']:,}",
                 str(i["objects_written"]), str(i["chunks_reused"])] for i in data["incremental"]]
         out.append("\nSaving again after new tokens (only the new chunk, the logits and the manifest):\n")

@@ -376,11 +376,11 @@ class _ChunkLoader:
     the cache's planes and hashed as they arrive, a memory store's payloads copied. Without
     it, here, a chunk at a time: preadv into the planes, hashing each group of planes while it
     is in cache, or one copy per side. (Python threads do not help: python-xxhash holds the
-    GIL.) Signed restores take this path too (sha256 beside xxh3). Otherwise
-    (CUDA, or another dtype): into one (n_layers, n_kv_heads, position, head_dim) tensor per
-    side on the session's device — from pinned staging buffers (alternating, so reading the next
-    chunk overlaps the copy of the last), or straight from a pinned memory store — which
-    :meth:`Session.load_kv_state` then copies in (one copy per layer).
+    GIL.) Signed restores take this path too (sha256 beside xxh3). Otherwise (CUDA, or
+    another dtype): a chunk at a time from pinned staging buffers (alternating, so reading the
+    next chunk overlaps the copy of the last) or straight from a (pinned) memory store, through
+    :meth:`_place`. Either way the session's cache is written before the last check, but the
+    session only holds the tokens (:meth:`finish`) once every check passed.
     """
 
     def __init__(self, store: Store, rec: SessionRecord, session: Session, signed: bool) -> None:
@@ -391,10 +391,7 @@ class _ChunkLoader:
         first = cache_layers(session)[0][0]  # layer 0's keys: the cache's device and dtype
         self.device = first.device
         self.direct = self.device.type == "cpu" and first.dtype == self.dtype
-        kv = rec.kv
-        shape = (kv.n_layers, kv.n_kv_heads, rec.position, kv.head_dim)
-        self.gathered = None if self.direct else {
-            name: torch.empty(shape, dtype=first.dtype, device=self.device) for name in ("k", "v")}
+        self.raw: torch.Tensor | None = None  # CUDA: every chunk's payload, as read
         self.expected = np.asarray(rec.tokens, dtype="<i4")
         self.staging: list[torch.Tensor] = []
         self.events: list[Any] = []
@@ -489,10 +486,7 @@ class _ChunkLoader:
                 host = view[len(header) : len(header) + payload] if view is not None else self._stage(r, len(header), payload)
                 if self.verify:
                     digest.update(host.numpy())
-                if self.direct:
-                    self._scatter(host, t0, t1)
-                else:
-                    self._gather(host, t0, t1)
+                self._place(host, t0, t1)
             r.readinto(len(header) + payload, [ids])
             if self.verify:
                 digest.update(ids)
@@ -520,38 +514,38 @@ class _ChunkLoader:
         half = host.numel() // 2
         return [host[i * half : (i + 1) * half].view(self.dtype).view(L, H, t1 - t0, D) for i in range(2)]
 
-    def _scatter(self, host: torch.Tensor, t0: int, t1: int) -> None:
-        """Host bytes -> positions [t0, t1) of the CPU cache: one copy per side where the
-        cache is one (n_layers, batch, ...) tensor, else one per layer (torch's copy beats
-        plane-by-plane memcpy here: it uses every core)."""
+    def _place(self, host: torch.Tensor, t0: int, t1: int) -> None:
+        """A chunk's payload bytes (k then v, each (L, H, T, D)) -> positions [t0, t1) of the
+        cache, converting the dtype if needed. On CUDA the bytes first go in one contiguous
+        host-to-device copy into a device buffer (the copy engine at full speed: torch would
+        stage a copy into the strided cache the same way), then one device copy per side, all
+        on the current stream, so that the host goes on to check the next chunk meanwhile."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            if self.raw is None:
+                self.raw = torch.empty(self.rec.position * self.rec.kv.token_bytes, dtype=torch.uint8, device=self.device)
+            at = t0 * self.rec.kv.token_bytes
+            src = self.raw[at : at + host.numel()]
+            src.copy_(host, non_blocking=True)
+            if self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
+                event = torch.cuda.Event()
+                event.record()
+                self.events[self.turn] = event  # the staging buffer is free again after this
+        else:
+            src = host
         cache = self.session.cache
-        for src, whole in zip(self._sides(host, t0, t1), (cache.k, cache.v), strict=True):
+        for side, whole in zip(self._sides(src, t0, t1), (cache.k, cache.v), strict=True):
             if isinstance(whole, torch.Tensor):
-                whole[:, 0, :, t0:t1].copy_(src)
+                whole[:, 0, :, t0:t1].copy_(side)
                 continue
             for layer, dst in enumerate(_per_layer(whole)):
-                dst[0, :, t0:t1].copy_(src[layer])
-
-    def _gather(self, host: torch.Tensor, t0: int, t1: int) -> None:
-        """Host bytes (k then v, each (L, H, T, D)) -> positions [t0, t1) of the gathered
-        tensors, converting the dtype if needed."""
-        assert self.gathered is not None
-        cuda = self.device.type == "cuda"
-        for src, name in zip(self._sides(host, t0, t1), ("k", "v"), strict=True):
-            self.gathered[name][:, :, t0:t1].copy_(src, non_blocking=cuda)
-        if cuda and self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
-            event = torch.cuda.Event()
-            event.record()
-            self.events[self.turn] = event
+                dst[0, :, t0:t1].copy_(side[layer])
 
     def finish(self, session: Session, tokens: list[int], rng: bytes) -> None:
-        """Make the session hold the tokens: every chunk was read and checked."""
-        if self.gathered is None:
-            session.adopt_kv(tokens, rng)
-            return
+        """Make the session hold the tokens: every chunk was read, checked and placed."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        session.load_kv_state(tokens, self.gathered, rng)
+        session.adopt_kv(tokens, rng)
 
 
 def _groups(views: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
