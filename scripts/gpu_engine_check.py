@@ -203,6 +203,7 @@ SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROW
     1: [("gemvT", bn, wpt) for bn in (2, 4, 8, 16) for wpt in (4, 8)] + [("gemv", 4, 2048, 4)],
     2: [("gemvT", 4, 4), ("gemvT", 8, 4), ("mm", 0), ("mm", 16)],
     8: [("gemvT", 8, 4), ("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
+    16: [("gemvT", 8, 4), ("dot", 16, 64, 256, 4), ("mm", 0), ("mm", 16)],
     32: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
     64: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32), ("dot", 64, 64, 128, 4)],
 }
