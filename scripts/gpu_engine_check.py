@@ -203,9 +203,11 @@ SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROW
     1: [("gemvT", bn, wpt) for bn in (2, 4, 8, 16) for wpt in (4, 8)] + [("gemv", 4, 2048, 4)],
     2: [("gemvT", 4, 4), ("gemvT", 8, 4), ("mm", 0), ("mm", 16)],
     8: [("gemvT", 8, 4), ("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
-    16: [("gemvT", 8, 4), ("dot", 16, 64, 256, 4), ("mm", 0), ("mm", 16)],
+    16: [("gemvT", 8, 4), ("dot", 16, 64, 256, 4), ("mm", 0), ("mm", 16),
+         ("dotj", 16, 64, 256, 4), ("dotj", 16, 128, 128, 4), ("dotj", 16, 32, 256, 4, 4)],
     32: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32)],
-    64: [("mm", 0), ("mm", 8), ("mm", 16), ("mm", 32), ("dot", 64, 64, 128, 4)],
+    64: [("mm", 0), ("mm", 32), ("dot", 64, 64, 128, 4), ("dotj", 64, 64, 128, 4), ("dotj", 64, 128, 128, 8),
+         ("dotj", 64, 64, 256, 4), ("dotj", 64, 64, 128, 4, 4), ("dotj", 64, 128, 256, 8, 3), ("dotj", 64, 32, 256, 4, 4)],
 }
 if os.environ.get("SWEEP_ROWS"):
     SWEEP_CONFIGS = {int(m): SWEEP_CONFIGS[int(m)] for m in os.environ["SWEEP_ROWS"].split(",")}

@@ -40,7 +40,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     c8 = BlockLinear.pack_q8_0(q8).to(device)
     wd = randn(N, Kd).bfloat16()
     for cfg in [("gemv", 4, 128, 4), ("gemv", 16, 256, 2), ("gemvT", 4, 4), ("gemvT", 16, 1),
-                ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotg", 16, 32, 64, 4), ("mm", 0),
+                ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotj", 16, 16, 128, 4), ("dotj", 16, 32, 256, 4, 3), ("dotg", 16, 32, 64, 4), ("mm", 0),
                 K._DOT16, K._DOT64]:
         for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
             y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)  # poisoned
@@ -57,7 +57,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     xg = randn(M, 2 * Kd).bfloat16()
     h = F.silu(xg[:, :Kd].float()) * xg[:, Kd:].float()
     for fmt, codes, w in [(K.Q4_0, c4, w4), (K.Q8_0, c8, w8)]:
-        for cfg in [("gemv", 8, 128, 4), ("gemvT", 8, 4), ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4),
+        for cfg in [("gemv", 8, 128, 4), ("gemvT", 8, 4), ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotj", 16, 16, 128, 4), ("dotj", 16, 32, 256, 4, 3),
                     ("mm", 0), ("mm", 0.01)]:  # 0.01 MB: chunks of 20 rows
             r = res.clone()
             y = K.gemv(xg, fmt, codes, scales, residual=r, glu=True, out=r, config=cfg)

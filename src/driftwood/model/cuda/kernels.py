@@ -269,6 +269,57 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K
 
 
 @triton.jit
+def _qgemm_j_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K, stride_xm, stride_rm, stride_om,
+                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    F32: tl.constexpr):
+    """BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: a (BLOCK_N, words) tile
+    dequantized position by position as in _qgemm_kernel, the positions joined into one
+    (BLOCK_N, BLOCK_K) tile in the packed order (column k' = word * NS + position), and one
+    tl.dot with K = BLOCK_K against x's columns gathered in that order."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rnl = tl.where(mask_n, rn, 0)
+    ri = tl.arange(0, BW)
+    kk = tl.arange(0, BLOCK_K)
+    word, p = kk // NS, kk % NS
+    col = (word // WG) * 32 + word % WG + p * WG  # x's column for packed position kk
+    KW = K // NS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + ri)[None, :])
+        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
+        if FMT == 1:
+            w = w ^ -0x7F7F7F80
+        d0 = (_slot(w, 0, FMT, ma, mb, ca, cb) - _slot_offset(0, FMT)) * s
+        d1 = (_slot(w, 1, FMT, ma, mb, ca, cb) - _slot_offset(1, FMT)) * s
+        d2 = (_slot(w, 2, FMT, ma, mb, ca, cb) - _slot_offset(2, FMT)) * s
+        d3 = (_slot(w, 3, FMT, ma, mb, ca, cb) - _slot_offset(3, FMT)) * s
+        if FMT == 2:  # [..., i, j, l] = position 4i + 2j + l
+            d4 = (_slot(w, 4, FMT, ma, mb, ca, cb) - _slot_offset(4, FMT)) * s
+            d5 = (_slot(w, 5, FMT, ma, mb, ca, cb) - _slot_offset(5, FMT)) * s
+            d6 = (_slot(w, 6, FMT, ma, mb, ca, cb) - _slot_offset(6, FMT)) * s
+            d7 = (_slot(w, 7, FMT, ma, mb, ca, cb) - _slot_offset(7, FMT)) * s
+            t = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+        else:  # [..., i, j] = position 2i + j
+            t = tl.join(tl.join(d0, d2), tl.join(d1, d3))
+        wt = tl.reshape(t.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_K))
+        xk = _load_x(x_ptr, rm, mask_m, k0 + col, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
+        acc += _dot(xk, tl.trans(wt), F32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K: tl.constexpr, stride_xm,
                     stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
@@ -525,15 +576,16 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
             *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
             **rope_kw, **_launch(pdl))
     else:
-        _, bm, bn, bk, warps = cfg
+        _, bm, bn, bk, warps, *stages = cfg  # dotj: optionally num_stages
         common.pop("NORM")
         bk = min(bk, K)
         assert K % bk == 0, (K, bk)
         grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
         consts = () if kind == "dotg" else SLOT_CONSTANTS[fmt]
-        (_qgemm_g_kernel if kind == "dotg" else _qgemm_kernel)[grid](
-            x, codes, scales, res, out, *consts, M, N, K, x.stride(0), res.stride(0), out.stride(0),
-            FMT=fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps, **common)
+        kernel = {"dotg": _qgemm_g_kernel, "dotj": _qgemm_j_kernel}.get(kind, _qgemm_kernel)
+        kernel[grid](x, codes, scales, res, out, *consts, M, N, K, x.stride(0), res.stride(0), out.stride(0),
+                     FMT=fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps,
+                     **({"num_stages": stages[0]} if stages else {}), **common)
     return out
 
 
