@@ -192,16 +192,19 @@ def test_kv_dtype_converts_across_compute_dtypes(tiny, tiny_path, store):
         assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
-def test_memory_store_into_another_dtype(tiny, tiny_path, store):
-    """The gathering path CUDA restores take: from memory-store objects into tensors of the
-    target's dtype, then into the cache."""
+@pytest.mark.parametrize("source", ["memory", "directory"])
+def test_restores_into_another_dtype_through_the_device_buffer(tiny, tiny_path, store, source):
+    """The path CUDA restores take: each chunk's bytes copied whole into a buffer on the
+    target's device, then into the cache, converting the dtype (two full chunks in one copy
+    per side, the partial third one by itself)."""
     bf16 = load_model(str(tiny_path), device="cpu", dtype="bfloat16", progress=False)
     s = tiny.new_session(capacity=1024, seed=0)
     s.prefill(prompt(600))
-    memory = MemoryStore()
-    save_session(memory, "s", s)
-    restored = restore_session(memory, "s", bf16).session
-    assert torch.equal(restored.kv_state()["k"], s.kv_state()["k"].to(torch.bfloat16))
+    src = MemoryStore() if source == "memory" else store
+    save_session(src, "s", s)
+    restored = restore_session(src, "s", bf16).session
+    for name in ("k", "v"):
+        assert torch.equal(restored.kv_state()[name], s.kv_state()[name].to(torch.bfloat16))
     assert restored.tokens == s.tokens
 
 

@@ -359,7 +359,7 @@ def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -
         if view is not None and r.size == rec.logits.size:  # in memory and vouched for: no copies
             if bytes(view[: len(head)].numpy()) != head:
                 raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
-            return view[len(head) :].view(torch.float32).to(model.device, copy=True)
+            return view[len(head) :].view(torch.float32).to(model.device, copy=True, non_blocking=view.is_pinned())
     data = read_object(store, rec.logits, signed)
     if data[: len(head)] != head:
         raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
@@ -391,7 +391,8 @@ class _ChunkLoader:
         first = cache_layers(session)[0][0]  # layer 0's keys: the cache's device and dtype
         self.device = first.device
         self.direct = self.device.type == "cpu" and first.dtype == self.dtype
-        self.raw: torch.Tensor | None = None  # CUDA: every chunk's payload, as read
+        self.raw: torch.Tensor | None = None  # not direct: every chunk's payload, as read
+        self.placed: list[tuple[int, int]] = []  # the token ranges in raw, in order
         self.expected = np.asarray(rec.tokens, dtype="<i4")
         self.staging: list[torch.Tensor] = []
         self.events: list[Any] = []
@@ -486,7 +487,10 @@ class _ChunkLoader:
                 host = view[len(header) : len(header) + payload] if view is not None else self._stage(r, len(header), payload)
                 if self.verify:
                     digest.update(host.numpy())
-                self._place(host, t0, t1)
+                if self.direct:
+                    self._scatter(host, t0, t1)
+                else:
+                    self._place(host, t0, t1)
             r.readinto(len(header) + payload, [ids])
             if self.verify:
                 digest.update(ids)
@@ -515,24 +519,24 @@ class _ChunkLoader:
         return [host[i * half : (i + 1) * half].view(self.dtype).view(L, H, t1 - t0, D) for i in range(2)]
 
     def _place(self, host: torch.Tensor, t0: int, t1: int) -> None:
-        """A chunk's payload bytes (k then v, each (L, H, T, D)) -> positions [t0, t1) of the
-        cache, converting the dtype if needed. On CUDA the bytes first go in one contiguous
-        host-to-device copy into a device buffer (the copy engine at full speed: torch would
-        stage a copy into the strided cache the same way), then one device copy per side, all
-        on the current stream, so that the host goes on to check the next chunk meanwhile."""
+        """A chunk's payload bytes (k then v, each (L, H, T, D)) -> the cache, converting the
+        dtype (the paths other than ``direct``): one contiguous copy into a buffer on the
+        cache's device (on CUDA the copy engine at full speed: torch would stage a copy into
+        the strided cache the same way), placed by :meth:`finish`, so that the copies of all
+        chunks run back to back while the host checks the next ones."""
         cuda = self.device.type == "cuda"
-        if cuda:
-            if self.raw is None:
-                self.raw = torch.empty(self.rec.position * self.rec.kv.token_bytes, dtype=torch.uint8, device=self.device)
-            at = t0 * self.rec.kv.token_bytes
-            src = self.raw[at : at + host.numel()]
-            src.copy_(host, non_blocking=True)
-            if self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
-                event = torch.cuda.Event()
-                event.record()
-                self.events[self.turn] = event  # the staging buffer is free again after this
-        else:
-            src = host
+        if self.raw is None:
+            self.raw = torch.empty(self.rec.position * self.rec.kv.token_bytes, dtype=torch.uint8, device=self.device)
+        at = t0 * self.rec.kv.token_bytes
+        self.raw[at : at + host.numel()].copy_(host, non_blocking=cuda)
+        self.placed.append((t0, t1))
+        if cuda and self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
+            event = torch.cuda.Event()
+            event.record()
+            self.events[self.turn] = event  # the staging buffer is free again after this
+
+    def _scatter(self, src: torch.Tensor, t0: int, t1: int) -> None:
+        """Payload bytes on the cache's device -> positions [t0, t1) of the cache."""
         cache = self.session.cache
         for side, whole in zip(self._sides(src, t0, t1), (cache.k, cache.v), strict=True):
             if isinstance(whole, torch.Tensor):
@@ -541,8 +545,29 @@ class _ChunkLoader:
             for layer, dst in enumerate(_per_layer(whole)):
                 dst[0, :, t0:t1].copy_(side[layer])
 
+    def _scatter_raw(self) -> None:
+        """The device buffer's chunks -> the cache: the leading run of full chunks in one copy
+        per side (a (chunks, side, L, H, T, D) view permuted into the cache), the rest one by one."""
+        assert self.raw is not None
+        kv, cache = self.rec.kv, self.session.cache
+        ct, tb = kv.chunk_tokens, kv.token_bytes
+        n = 0
+        while n < len(self.placed) and self.placed[n] == (n * ct, (n + 1) * ct):
+            n += 1
+        if n > 1 and isinstance(cache.k, torch.Tensor):
+            L, H, D = kv.n_layers, kv.n_kv_heads, kv.head_dim
+            src = self.raw[: n * ct * tb].view(self.dtype).view(n, 2, L, H, ct, D)
+            for s, whole in enumerate((cache.k, cache.v)):
+                whole[:, 0, :, : n * ct].view(L, H, n, ct, D).copy_(src[:, s].permute(1, 2, 0, 3, 4))
+        else:
+            n = 0
+        for t0, t1 in self.placed[n:]:
+            self._scatter(self.raw[t0 * tb : t1 * tb], t0, t1)
+
     def finish(self, session: Session, tokens: list[int], rng: bytes) -> None:
-        """Make the session hold the tokens: every chunk was read, checked and placed."""
+        """Make the session hold the tokens: every chunk was read and checked."""
+        if self.placed:
+            self._scatter_raw()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         session.adopt_kv(tokens, rng)
