@@ -41,7 +41,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     wd = randn(N, Kd).bfloat16()
     for cfg in [("gemv", 4, 128, 4), ("gemv", 16, 256, 2), ("gemvT", 4, 4), ("gemvT", 16, 1),
                 ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotj", 16, 16, 128, 4), ("dotj", 16, 32, 256, 4, 3), ("dotg", 16, 32, 64, 4), ("mm", 0),
-                K._DOT16, K._DOT64]:
+                K._DOT16, K._DOT64, K._DOTJ16]:
         for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
             y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)  # poisoned
             K.gemv(x, fmt, codes, scales, out=y, config=cfg)

@@ -5,8 +5,10 @@
   :class:`~driftwood.model.weights.BlockLinear`), with the fp16 scale of each 32-column group
   beside them. Optionally x is a gate|up pair and the kernel applies ``silu(gate) * up`` while
   loading it (the MLP's down projection), and adds a residual. Quantized weights take
-  ``_qgemv_kernel`` (one row of x per program, FMA only) for few rows and ``_qgemm_kernel``
-  (a dequantized tile into ``tl.dot``) for more.
+  ``_qgemv_t_kernel`` / ``_qgemv_kernel`` (one row of x per program, FMA only) for few rows,
+  and for more ``_qgemm_kernel`` (each code position of a tile dequantized into its own
+  ``tl.dot``), ``_qgemm_j_kernel`` (the positions joined into one tile, one ``tl.dot``) or
+  dequantize-then-cuBLAS, per matrix shape (:data:`CONFIGS`).
 - :func:`rms_norm`: one row per program.
 - :func:`rope_store`: RoPE on each row's queries and keys at its own position, the keys and
   values written into the KV cache at that position, the rotated queries returned.
@@ -457,12 +459,12 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
 # (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep
 # on the H100 over the 1B shapes). Dense: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot).
 # Quantized: ("gemvT", BLOCK_N, words a thread holds of a row: num_warps follows from K),
-# ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot", BLOCK_M, BLOCK_N, BLOCK_K, num_warps), or
+# ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot" | "dotj", BLOCK_M, BLOCK_N, BLOCK_K, num_warps), or
 # ("mm", chunk MB): dequantized to bfloat16 chunk by chunk, then cuBLAS.
 # Quantized entries may depend on the matrix: {"wide": N >= 8192, "deep": K >= 4096,
 # "narrow": N <= 2048, "mid": the rest} (the 1B shapes: gate_up and head wide, down deep, o narrow,
 # qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
-_DOT16, _DOT64 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4)
+_DOT16, _DOT64, _DOTJ16 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4), ("dotj", 16, 128, 128, 4)
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # scripts/gpu/dense_sweep.py, 2026-11-22 (per layer -2.1 us against (1, 4, 1024, 4) for all)
     (DENSE, 1): {"wide": (1, 4, 1024, 4, False), "deep": (1, 2, 1024, 4, False),
@@ -473,8 +475,10 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     (Q8_0, 1): ("gemvT", 4, 4),
     (Q4_0, 4): ("gemvT", 4, 4),
     (Q8_0, 4): ("gemvT", 4, 4),
-    (Q4_0, 16): {"wide": _DOT16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
-    (Q8_0, 16): {"wide": _DOT16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
+    # wide at 16 rows: the joined-tile kernel, 2026-11-22 sweep (head Q4_0 271 us vs 368 for _DOT16,
+    # Q8_0 332 vs 492; gate_up equal / 55 vs 71)
+    (Q4_0, 16): {"wide": _DOTJ16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
+    (Q8_0, 16): {"wide": _DOTJ16, "deep": ("gemvT", 8, 4), "narrow": ("gemvT", 8, 4), "mid": ("gemvT", 8, 4)},
     (Q4_0, 64): {"wide": _DOT64, "deep": ("mm", 16), "narrow": ("mm", 8), "mid": _DOT64},
     (Q8_0, 64): {"wide": _DOT64, "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
 }
