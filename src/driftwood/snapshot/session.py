@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 import weakref
@@ -293,10 +294,10 @@ def load_session(
         if len(rec.rng) != len(session.rng_state()):
             raise SnapshotError(f"RNG state of {len(rec.rng)} bytes, this torch keeps {len(session.rng_state())}")
         sampler = _sampler(rec)  # noqa: F841 (validated here, before any bulk read)
-        logits = _load_logits(store, rec, model, signed) if rec.logits is not None else None
         loader = _ChunkLoader(store, rec, session, signed)
         parents = [chunk_root(rec.model.identity, rec.kv)] + [c.address for c in rec.chunks[:-1]]
         loader.load_all(rec.chunks, parents)
+        logits = _load_logits(store, rec, model, signed) if rec.logits is not None else None
         loader.finish(session, list(rec.tokens), rec.rng)
     except BaseException:
         if into is None:
@@ -393,7 +394,6 @@ class _ChunkLoader:
         self.direct = self.device.type == "cpu" and first.dtype == self.dtype
         self.raw: torch.Tensor | None = None  # not direct: every chunk's payload, as read
         self.placed: list[tuple[int, int]] = []  # the token ranges in raw, in order
-        self.expected = np.asarray(rec.tokens, dtype="<i4")
         self.staging: list[torch.Tensor] = []
         self.events: list[Any] = []
         self.turn = 0
@@ -403,9 +403,11 @@ class _ChunkLoader:
         on the CPU with the cache's dtype through the native reader (every file of a directory
         store in one call, or every payload of a memory store) where it is built, else one
         chunk at a time here. Signed restores stay here (their sha256 is hashlib's)."""
-        headers = [chunk_header(self.rec.model.identity, self.rec.kv, p, c.start, c.count)
-                   for c, p in zip(chunks, parents, strict=True)]
+        def header(chunk: Chunk, parent: str) -> bytes:
+            return chunk_header(self.rec.model.identity, self.rec.kv, parent, chunk.start, chunk.count)
+
         if self.direct and not self.signed and native.module() is not None:
+            headers = [header(c, p) for c, p in zip(chunks, parents, strict=True)]
             with contextlib.ExitStack() as stack:
                 readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
                 for chunk, r in zip(chunks, readers, strict=True):
@@ -415,8 +417,8 @@ class _ChunkLoader:
                 views = [r.view() for r in readers]
                 if not self.verify and all(v is not None for v in views):
                     return self._copy_native(chunks, headers, views)
-        for chunk, header in zip(chunks, headers, strict=True):
-            self.load(chunk, header)
+        for chunk, parent in zip(chunks, parents, strict=True):  # each header when it is needed:
+            self.load(chunk, header(chunk, parent))  # the first copy starts sooner
 
     def _read_native(self, chunks: Sequence[Chunk], headers: list[bytes], readers: list[Reader]) -> None:
         files = [native.FileChunk(c.start, c.count, r.fileno(), len(h))  # type: ignore[arg-type]
@@ -455,6 +457,11 @@ class _ChunkLoader:
         if got != header:
             raise SnapshotError(f"{where}: its header is not the one the manifest describes "
                                 "(corrupted or altered)")
+
+    @functools.cached_property
+    def expected(self) -> np.ndarray:
+        """The manifest's token ids (built on first use: after the first copy has started)."""
+        return np.asarray(self.rec.tokens, dtype="<i4")
 
     def _check_ids(self, chunk: Chunk, ids: np.ndarray) -> None:
         if not np.array_equal(ids, self.expected[chunk.start : chunk.start + chunk.count]):
