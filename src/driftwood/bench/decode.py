@@ -199,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, fourth pass: BF16's one-row dense GEMV configured per matrix shape from "
+    "graphs": ({}, {}, "2026-11-22, fifth pass: Q4_0/Q8_0 dequantizer with coalesced stores and the joined-tile "
+               "tl.dot (dotj) for wide matrices at 5-16 rows: batch 8/32/64 quantized -10-20% a step, batch 1 "
+               "unchanged. Fourth pass: BF16's one-row dense GEMV configured per matrix shape from "
                "scripts/gpu/dense_sweep.py (qkv, o, down -0.4, -0.8, -1.0 us each in isolation): BF16 ~-30 us a "
                "token (~1.23 ms against the third pass's 1.258); quantized files unchanged. Third pass: RoPE and the KV-cache write in the QKV GEMV's epilogue "
                "(16 fewer kernels a token at batch 1, up to 16 rows for Q4_0/Q8_0): ~-50 us a token, Q4_0 ~0.73, "
