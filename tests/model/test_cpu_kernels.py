@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from driftwood.model import cpu
@@ -39,6 +39,19 @@ def model_of_kernel(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     return xq.view(m, k) @ blocks.dequantize(torch.float64).T
 
 
+def tie_slack(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """|one activation code| x |w| summed over the activations that sit exactly halfway between
+    two codes: a tie may round either way (hypothesis found one that the kernel rounded the
+    other way from torch.round), every other code is exact."""
+    m, k = x.shape
+    xb = x.float().view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    v = xb * torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
+    ties = (v - v.floor()) == 0.5
+    step = ties.double() * (amax / 127.0).double()
+    return step.view(m, k) @ blocks.dequantize(torch.float64).abs().T
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -46,6 +59,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 9), n=st.integers(1, 70), groups=st.integers(1, 20), bits=st.sampled_from([4, 8]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+@example(m=1, n=1, groups=20, bits=8, dtype=torch.float32, seed=18)  # a tie rounded the other way (CI)
 def test_gemv_is_the_block_quantized_product(m, n, groups, bits, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     k = 32 * groups
@@ -57,7 +71,7 @@ def test_gemv_is_the_block_quantized_product(m, n, groups, bits, dtype, seed):
     exact = model_of_kernel(x.float(), blocks)
     scale = exact.abs().max().clamp(min=1e-30)
     limit = 1e-5 if dtype == torch.float32 else 1e-2
-    assert float((y.double() - exact).abs().max() / scale) < limit
+    assert bool(((y.double() - exact).abs() <= limit * scale + tie_slack(x.float(), blocks)).all())
 
 
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (49152 // 64, 576), (100, 2048)])
