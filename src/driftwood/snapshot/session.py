@@ -356,16 +356,15 @@ def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -
     assert rec.logits is not None
     head = logits_header(model.config.vocab_size)
     with store.reader(rec.logits.key) as r:
-        view = r.view() if store.verified else None
-        if view is not None and r.size == rec.logits.size:  # in memory and vouched for: no copies
-            if bytes(view[: len(head)].numpy()) != head:
-                raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
-            return view[len(head) :].view(torch.float32).to(model.device, copy=True, non_blocking=view.is_pinned())
-    data = read_object(store, rec.logits, signed)
-    if data[: len(head)] != head:
+        view = r.view() if store.verified and r.size == rec.logits.size else None
+        if view is not None:  # in memory and vouched for: read in place, copied once below
+            got, values = bytes(view[: len(head)].numpy()), view[len(head) :].view(torch.float32)
+    if view is None:
+        data = read_object(store, rec.logits, signed)
+        got, values = data[: len(head)], torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.float32)
+    if got != head:
         raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
-    values = torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.float32)
-    return values.to(model.device)
+    return values.to(model.device, copy=view is not None, non_blocking=values.is_pinned())
 
 
 class _ChunkLoader:
@@ -475,10 +474,11 @@ class _ChunkLoader:
         where = self._where(chunk)
         with self.store.reader(chunk.obj.key) as r:
             self._check_size(chunk, r)
-            digest = Digester(sha256=self.signed)
             head = r.read(0, len(header))
             self._check_header(where, head, header)
-            digest.update(head)
+            digest = Digester(sha256=self.signed)
+            if self.verify:
+                digest.update(head)
             ids = bytearray(4 * chunk.count)
             view = r.view()
             if self.direct and view is None:

@@ -196,6 +196,20 @@ def _slot_offset(P: tl.constexpr, FMT: tl.constexpr):
 
 
 @triton.jit
+def _word_tile(w_ptr, s_ptr, rows, k0, ri, K, FMT: tl.constexpr):
+    """The (rows, words) tile of codes at k-block k0 (``ri``: the block's word indices) and each
+    word's group scale as float32; Q8_0 words come with each byte's sign bit flipped (0x80808080:
+    q + 128 in 0..255), as :func:`_slot` reads them."""
+    NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
+    WG: tl.constexpr = 32 // NS  # words per group
+    w = tl.load(w_ptr + rows[:, None] * (K // NS) + (k0 // NS + ri)[None, :])
+    s = tl.load(s_ptr + rows[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
+    if FMT == 1:
+        w = w ^ -0x7F7F7F80
+    return w, s
+
+
+@triton.jit
 def _qgemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K, stride_xm, stride_rm,
                   stride_om, FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                   NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -211,15 +225,11 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca
     rn = tl.where(mask_n, rn, 0)  # rows past N read row 0, never stored
     ri = tl.arange(0, BW)
     cbase = (ri // WG) * 32 + ri % WG  # column of position 0 of word ri in the k-block
-    KW = K // NS
     xrow = x_ptr + m * stride_xm
     r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rn[:, None] * KW + (k0 // NS + ri)[None, :])
-        s = tl.load(s_ptr + rn[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
-        if FMT == 1:
-            w = w ^ -0x7F7F7F80  # 0x80808080: each byte's sign flipped, q + 128 in 0..255
+        w, s = _word_tile(w_ptr, s_ptr, rn, k0, ri, K, FMT)
         part = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
         corr = tl.zeros((BW,), dtype=tl.float32)
         for p in tl.static_range(NS):
@@ -253,13 +263,9 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K
     rnl = tl.where(mask_n, rn, 0)
     ri = tl.arange(0, BW)
     cbase = (ri // WG) * 32 + ri % WG
-    KW = K // NS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + ri)[None, :])
-        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
-        if FMT == 1:
-            w = w ^ -0x7F7F7F80
+        w, s = _word_tile(w_ptr, s_ptr, rnl, k0, ri, K, FMT)
         for p in tl.static_range(NS):
             wd = (_slot(w, p, FMT, ma, mb, ca, cb) - _slot_offset(p, FMT)) * s  # (BLOCK_N, BW)
             xp = _load_x(x_ptr, rm, mask_m, k0 + cbase + p * WG, stride_xm, K, GLU)  # (BLOCK_M, BW)
@@ -293,13 +299,9 @@ def _qgemm_j_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N,
     kk = tl.arange(0, BLOCK_K)
     word, p = kk // NS, kk % NS
     col = (word // WG) * 32 + word % WG + p * WG  # x's column for packed position kk
-    KW = K // NS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + ri)[None, :])
-        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
-        if FMT == 1:
-            w = w ^ -0x7F7F7F80
+        w, s = _word_tile(w_ptr, s_ptr, rnl, k0, ri, K, FMT)
         d0 = (_slot(w, 0, FMT, ma, mb, ca, cb) - _slot_offset(0, FMT)) * s
         d1 = (_slot(w, 1, FMT, ma, mb, ca, cb) - _slot_offset(1, FMT)) * s
         d2 = (_slot(w, 2, FMT, ma, mb, ca, cb) - _slot_offset(2, FMT)) * s
