@@ -3,11 +3,13 @@ a fresh directory store per test, and continuing a session token by token."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import xxhash
@@ -41,6 +43,13 @@ def tiny(tiny_path):
 @pytest.fixture
 def store(tmp_path) -> DirectoryStore:
     return DirectoryStore(tmp_path / "store", create=True)
+
+
+def reader(kind: str) -> contextlib.AbstractContextManager[object]:
+    """Restores read chunks with the native reader where it is built ("native"), or in Python."""
+    from driftwood.snapshot import native
+
+    return mock.patch.object(native, "module", lambda: None) if kind == "python" else contextlib.nullcontext()
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

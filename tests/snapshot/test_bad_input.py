@@ -4,10 +4,8 @@ header that lies, an unsigned or foreign snapshot when a key is required."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,12 +13,11 @@ from hypothesis import strategies as st
 
 from driftwood.errors import SnapshotError
 from driftwood.model import load_model
-from driftwood.snapshot import native
 from driftwood.snapshot.actor import restore_actor
 from driftwood.snapshot.session import load_session, restore_session, save_session
 from driftwood.snapshot.store import DirectoryStore
 from driftwood.snapshot.verify import verify
-from tests.snapshot.conftest import chat_spec, files, prompt, rewrite_header, run_chat
+from tests.snapshot.conftest import chat_spec, files, prompt, reader, rewrite_header, run_chat
 
 KEY = b"tenant-a-secret-key-0123456789"
 
@@ -33,11 +30,6 @@ def corpus(tiny, tiny_path, chat_wasm, tmp_path_factory) -> DirectoryStore:
     save_session(store, "s", s, logits=s.prefill(prompt(300)))
     run_chat(chat_wasm, tiny_path, ["hello", "/snapshot"], store)
     return store
-
-
-def reader(kind: str) -> contextlib.AbstractContextManager[object]:
-    """Restores read chunks with the native reader where it is built ("native"), or in Python."""
-    return mock.patch.object(native, "module", lambda: None) if kind == "python" else contextlib.nullcontext()
 
 
 def snapshots_using(store: DirectoryStore, path: Path) -> list[str]:
