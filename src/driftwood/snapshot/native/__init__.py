@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,9 +67,21 @@ class ChunkRead:
     error: int  # 0; -1: the file ended early; else an errno
 
 
-def _cache_args(k: torch.Tensor, v: torch.Tensor, row: int, spans: Sequence[Span]) -> tuple[int, ...]:
-    """(k, v addresses at row ``row``, n_layers, n_kv_heads, layer stride, head stride, row bytes)
-    of a (n_layers, batch, n_kv_heads, capacity, head_dim) CPU cache that holds every span."""
+class _Cache(NamedTuple):
+    """The cache's geometry in chunks.cpp's argument order (``Cache`` there), in bytes."""
+
+    k: int  # address of k at (layer 0, the row, head 0, position 0)
+    v: int
+    layers: int
+    heads: int
+    layer_stride: int
+    head_stride: int
+    row_bytes: int
+
+
+def _cache_args(k: torch.Tensor, v: torch.Tensor, row: int, spans: Sequence[Span]) -> _Cache:
+    """The geometry of a (n_layers, batch, n_kv_heads, capacity, head_dim) CPU cache at batch
+    row ``row``, checked to hold every span."""
     if not (k.device.type == v.device.type == "cpu" and k.dim() == 5 and k.shape == v.shape
             and k.stride() == v.stride() and k.dtype == v.dtype):
         raise ValueError("k and v must be CPU caches of one (layers, batch, heads, capacity, dim) shape")
@@ -81,16 +94,21 @@ def _cache_args(k: torch.Tensor, v: torch.Tensor, row: int, spans: Sequence[Span
         if s.start < 0 or s.count < 0 or s.start + s.count > capacity:
             raise ValueError(f"positions [{s.start}, {s.start + s.count}) outside a cache of {capacity}")
     es = k.element_size()
-    return (k.data_ptr() + row * k.stride(1) * es, v.data_ptr() + row * v.stride(1) * es, L, H,
-            k.stride(0) * es, k.stride(2) * es, D * es)
+    return _Cache(k.data_ptr() + row * k.stride(1) * es, v.data_ptr() + row * v.stride(1) * es, L, H,
+                  k.stride(0) * es, k.stride(2) * es, D * es)
+
+
+def _built() -> ModuleType:
+    mod = module()
+    if mod is None:
+        raise RuntimeError("the native snapshot reader is not available")
+    return mod
 
 
 def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, row: int = 0) -> list[ChunkRead]:
     """Read whole chunk files (header | k planes | v planes | int32 ids) into the cache, each
     hashed with xxh3-128 as it is read."""
-    mod = module()
-    if mod is None:
-        raise RuntimeError("the native snapshot reader is not available")
+    mod = _built()
     cache = _cache_args(k, v, row, files)
     headers = [np.empty(f.header_bytes, np.uint8) for f in files]
     ids = [np.empty(f.count, np.int32) for f in files]
@@ -104,13 +122,11 @@ def copy_chunks(payloads: Sequence[tuple[torch.Tensor, Span]], k: torch.Tensor, 
                 row: int = 0) -> None:
     """Copy chunk payloads (k planes | v planes, as in a chunk file, uint8 CPU tensors) into
     the cache at their spans."""
-    mod = module()
-    if mod is None:
-        raise RuntimeError("the native snapshot reader is not available")
+    mod = _built()
     cache = _cache_args(k, v, row, [s for _, s in payloads])
-    L, H, row_bytes = cache[2], cache[3], cache[6]
     for p, s in payloads:
-        if p.device.type != "cpu" or p.dtype != torch.uint8 or not p.is_contiguous() or p.numel() < 2 * L * H * s.count * row_bytes:
+        need = 2 * cache.layers * cache.heads * s.count * cache.row_bytes
+        if p.device.type != "cpu" or p.dtype != torch.uint8 or not p.is_contiguous() or p.numel() < need:
             raise ValueError("a payload must be a contiguous uint8 CPU tensor holding both sides of its chunk")
     mod.copy_chunks([p.data_ptr() for p, _ in payloads], [s.start for _, s in payloads],
                     [s.count for _, s in payloads], *cache)
