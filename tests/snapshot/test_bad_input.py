@@ -15,7 +15,7 @@ from driftwood.errors import SnapshotError
 from driftwood.model import load_model
 from driftwood.snapshot.actor import restore_actor
 from driftwood.snapshot.session import load_session, restore_session, save_session
-from driftwood.snapshot.store import DirectoryStore
+from driftwood.snapshot.store import DirectoryStore, MemoryStore
 from driftwood.snapshot.verify import verify
 from tests.snapshot.conftest import chat_spec, files, prompt, reader, rewrite_header, run_chat
 
@@ -43,6 +43,13 @@ def snapshots_using(store: DirectoryStore, path: Path) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_path):
+    """The same model computing in bfloat16: restoring its float32 snapshots converts (the path
+    CUDA restores take: staging, a device buffer, then the cache)."""
+    return load_model(str(tiny_path), device="cpu", dtype="bfloat16", progress=False)
+
+
 def restore(store: DirectoryStore, name: str, tiny, tiny_path, chat_wasm, key: bytes | None = None) -> None:
     if name == "s":
         restore_session(store, name, tiny, key=key).session.close()
@@ -59,12 +66,13 @@ def refused(store, name, tiny, tiny_path, chat_wasm, match: str | None = None, k
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_a_flipped_byte_anywhere_is_refused(corpus, tiny, tiny_path, chat_wasm, data):
+def test_a_flipped_byte_anywhere_is_refused(corpus, tiny, tiny_bf16, tiny_path, chat_wasm, data):
     path = data.draw(st.sampled_from(files(corpus)), label="file")
     size = path.stat().st_size
     offset = data.draw(st.integers(0, size - 1), label="offset")
     flip = data.draw(st.integers(1, 255), label="xor")
     kind = data.draw(st.sampled_from(["native", "python"]), label="reader")
+    model = data.draw(st.sampled_from([tiny, tiny_bf16]), label="restored into")  # bf16: converting
     raw = bytearray(path.read_bytes())
     names = snapshots_using(corpus, path)
     raw[offset] ^= flip
@@ -72,7 +80,7 @@ def test_a_flipped_byte_anywhere_is_refused(corpus, tiny, tiny_path, chat_wasm, 
     try:
         for name in names:
             with reader(kind):
-                refused(corpus, name, tiny, tiny_path, chat_wasm)
+                refused(corpus, name, model, tiny_path, chat_wasm)
     finally:
         raw[offset] ^= flip
         path.write_bytes(raw)
@@ -80,7 +88,7 @@ def test_a_flipped_byte_anywhere_is_refused(corpus, tiny, tiny_path, chat_wasm, 
 
 @pytest.mark.parametrize("kind", ["native", "python"])
 @pytest.mark.parametrize("cut", ["empty", "half", "one byte short"])
-def test_truncated_files_are_refused(corpus, tiny, tiny_path, chat_wasm, cut, kind):
+def test_truncated_files_are_refused(corpus, tiny, tiny_bf16, tiny_path, chat_wasm, cut, kind):
     for path in files(corpus):
         raw = path.read_bytes()
         keep = {"empty": 0, "half": len(raw) // 2, "one byte short": len(raw) - 1}[cut]
@@ -89,6 +97,8 @@ def test_truncated_files_are_refused(corpus, tiny, tiny_path, chat_wasm, cut, ki
             for name in snapshots_using(corpus, path):
                 with reader(kind):
                     refused(corpus, name, tiny, tiny_path, chat_wasm)
+                    if name == "s":  # the converting path reads the files whole
+                        refused(corpus, name, tiny_bf16, tiny_path, chat_wasm)
         finally:
             path.write_bytes(raw)
 
@@ -208,3 +218,21 @@ def test_a_key_refuses_unsigned_and_foreign_snapshots(tiny, tiny_path, chat_wasm
     # a signed header edited by someone without the key
     rewrite_header(store, "mine", lambda h: h["actor"].update(args=["--max-tokens", "999"]))
     refused(store, "mine", tiny, tiny_path, chat_wasm, "altered", key=KEY)
+
+
+@pytest.mark.parametrize("where", ["header length", "header", "token id"])
+def test_altered_bytes_in_a_memory_store_are_refused(tiny, tiny_bf16, where):
+    """A memory store vouches for its bytes (they are not hashed again), but a chunk whose header
+    length, header or token ids no longer match the manifest is still refused, on the direct path
+    and on the converting one (which finds each payload through the header length)."""
+    store = MemoryStore()
+    s = tiny.new_session(capacity=1024, seed=0)
+    save_session(store, "s", s, logits=s.prefill(prompt(300)))
+    chunk = store.manifest("s").sessions[0].chunks[1]
+    data = store.objects[chunk.obj.key]
+    n = 8 + int.from_bytes(bytes(data[:8].numpy()), "little")
+    at = {"header length": 0, "header": n - 3, "token id": data.numel() - 2}[where]
+    data[at] ^= 0x21
+    for model in (tiny, tiny_bf16):
+        with pytest.raises(SnapshotError, match=r"header|other tokens"):
+            restore_session(store, "s", model)

@@ -117,6 +117,52 @@ def test_short_and_unreadable_files_report_errors(tmp_path):
     assert r.error == errno.EBADF
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 700_000), min_size=1, max_size=6), seed=st.integers(0, 2**31 - 1),
+       gaps=st.lists(st.integers(0, 64), min_size=6, max_size=6))
+def test_read_files_fills_each_buffer_and_hashes_it(tmp_path, sizes, seed, gaps):
+    """Whole files (sizes spanning several 256 KiB pieces, or none) into slices of one buffer,
+    with untouched bytes between them: each slice holds its file, the digest is python-xxhash's,
+    and nothing outside the slices is written."""
+    rng = np.random.default_rng(seed)
+    blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    buf = torch.full((sum(sizes) + sum(gaps),), 0xA5, dtype=torch.uint8)
+    slices, at, fds = [], 0, []
+    try:
+        for i, blob in enumerate(blobs):
+            path = tmp_path / f"f{i}"
+            path.write_bytes(blob)
+            fds.append(os.open(path, os.O_RDONLY))
+            at += gaps[i]
+            slices.append((at, len(blob)))
+            at += len(blob)
+        got = native.read_files([(fd, buf[o : o + n]) for fd, (o, n) in zip(fds, slices, strict=True)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    for blob, (o, n), (digest, error) in zip(blobs, slices, got, strict=True):
+        assert error == 0 and digest == xxhash.xxh3_128_hexdigest(blob)
+        assert bytes(buf[o : o + n].numpy()) == blob
+        outside[o : o + n] = False
+    assert bool((buf[outside] == 0xA5).all())
+
+
+def test_read_files_reports_short_files_and_refuses_bad_buffers(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"\1" * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for size in (1001, 300_000):
+            assert native.read_files([(fd, torch.empty(size, dtype=torch.uint8))])[0][1] == -1
+        assert native.read_files([(1 << 20, torch.empty(10, dtype=torch.uint8))])[0][1] == errno.EBADF
+        for bad in (torch.empty(10, dtype=torch.int16), torch.empty(20, dtype=torch.uint8)[::2]):
+            with pytest.raises(ValueError, match="contiguous uint8"):
+                native.read_files([(fd, bad)])
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda k, v, s: (k, v, [native.Span(10, 7)], 0), "outside a cache of 16"),
     (lambda k, v, s: (k, v, [native.Span(-1, 2)], 0), "outside"),

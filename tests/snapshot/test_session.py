@@ -14,11 +14,12 @@ import torch
 
 from driftwood.errors import SnapshotError
 from driftwood.model import load_model
+from driftwood.snapshot import native
 from driftwood.snapshot.format import CHUNK_TOKENS, chunk_size
 from driftwood.snapshot.session import forget, restore_session, save_session
 from driftwood.snapshot.store import DirectoryStore, MemoryStore
 from tests.conftest import requires_cuda
-from tests.snapshot.conftest import GREEDY, SAMPLED, continue_, prompt
+from tests.snapshot.conftest import GREEDY, SAMPLED, continue_, prompt, reader
 
 KEY = b"k" * 32
 
@@ -192,20 +193,34 @@ def test_kv_dtype_converts_across_compute_dtypes(tiny, tiny_path, store):
         assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
+@pytest.mark.parametrize(("kind", "limit"), [("native", "bytes"), ("native", "threads"), ("python", "-")])
 @pytest.mark.parametrize("source", ["memory", "directory"])
-def test_restores_into_another_dtype_through_the_device_buffer(tiny, tiny_path, store, source):
-    """The path CUDA restores take: each chunk's bytes copied whole into a buffer on the
-    target's device, then into the cache, converting the dtype (two full chunks in one copy
-    per side, the partial third one by itself)."""
+def test_restores_into_another_dtype_through_staging(tiny, tiny_path, store, source, kind, limit, monkeypatch):
+    """The path CUDA restores take: each chunk's payload (from the memory store, or from files
+    read whole into staging buffers, a group of files per buffer: here two (bytes) or three
+    (threads) files, so that both buffers are used, one of them twice) placed into the cache,
+    converting the dtype; the partial last chunk too."""
+    from driftwood.snapshot import session as snapshot_session
+
+    if limit == "bytes":
+        monkeypatch.setattr(snapshot_session, "STAGE_BYTES", 2 * 256 * 2048 + 4096)
+    else:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    calls = []
+    read_files = native.read_files
+    monkeypatch.setattr(native, "read_files", lambda files: calls.append(len(files)) or read_files(files))
     bf16 = load_model(str(tiny_path), device="cpu", dtype="bfloat16", progress=False)
-    s = tiny.new_session(capacity=1024, seed=0)
-    s.prefill(prompt(600))
+    s = tiny.new_session(capacity=2048, seed=0)
+    s.prefill(prompt(1100))
     src = MemoryStore() if source == "memory" else store
     save_session(src, "s", s)
-    restored = restore_session(src, "s", bf16).session
+    with reader(kind):
+        restored = restore_session(src, "s", bf16).session
     for name in ("k", "v"):
         assert torch.equal(restored.kv_state()[name], s.kv_state()[name].to(torch.bfloat16))
     assert restored.tokens == s.tokens
+    native_files = source == "directory" and kind == "native" and native.module() is not None
+    assert calls == ({"bytes": [2, 2, 1], "threads": [3, 2]}[limit] if native_files else [])
 
 
 def test_restore_needs_room(tiny, store):

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from driftwood.model import Model, SamplingParams, Session
 
 READ_GROUP = 256 << 10  # bytes read per preadv on restore: hashed while still in cache
+STAGE_BYTES = 512 << 20  # at most this much of chunk files per staging buffer (CUDA, converting)
 
 
 @dataclass
@@ -376,11 +377,14 @@ class _ChunkLoader:
     the cache's planes and hashed as they arrive, a memory store's payloads copied. Without
     it, here, a chunk at a time: preadv into the planes, hashing each group of planes while it
     is in cache, or one copy per side. (Python threads do not help: python-xxhash holds the
-    GIL.) Signed restores take this path too (sha256 beside xxh3). Otherwise (CUDA, or
-    another dtype): a chunk at a time from pinned staging buffers (alternating, so reading the
-    next chunk overlaps the copy of the last) or straight from a (pinned) memory store, through
-    :meth:`_place`. Either way the session's cache is written before the last check, but the
-    session only holds the tokens (:meth:`finish`) once every check passed.
+    GIL.) Signed restores take this path too (sha256 beside xxh3).
+
+    Otherwise (CUDA, or another dtype) through :meth:`_place`: straight from a (pinned) memory
+    store, every copy issued before the checks, or from staging buffers (pinned on CUDA, two in
+    turn so that reading the next files overlaps the copies of the last): a directory store's
+    files read whole by the native reader, a group of files per call, else a chunk at a time
+    here. Either way the session's cache is written before the last check, but the session only
+    holds the tokens (:meth:`finish`) once every check passed.
     """
 
     def __init__(self, store: Store, rec: SessionRecord, session: Session, signed: bool) -> None:
@@ -388,34 +392,43 @@ class _ChunkLoader:
         self.dtype = getattr(torch, rec.kv.dtype)
         self.verify = not store.verified
         self.session = session
-        first = cache_layers(session)[0][0]  # layer 0's keys: the cache's device and dtype
+        if session.cache is None:
+            raise SnapshotError("the session is closed")
+        first = _per_layer(session.cache.k)[0] if isinstance(session.cache.k, list | tuple) else session.cache.k
         self.device = first.device
-        self.direct = self.device.type == "cpu" and first.dtype == self.dtype
-        self.raw: torch.Tensor | None = None  # not direct: every chunk's payload, as read
-        self.placed: list[tuple[int, int]] = []  # the token ranges in raw, in order
+        self.cuda = self.device.type == "cuda"
+        self.direct = not self.cuda and first.dtype == self.dtype
+        self.raw: torch.Tensor | None = None  # CUDA: every chunk's payload as copied, on the device
+        self.placed: list[tuple[int, int]] = []  # the token ranges in raw not yet in the cache
         self.staging: list[torch.Tensor] = []
-        self.events: list[Any] = []
+        self.events: list[Any] = []  # per staging buffer: when the copies that read it are done
         self.turn = 0
 
     def load_all(self, chunks: Sequence[Chunk], parents: Sequence[str]) -> None:
-        """Read, check and place every chunk (``parents``: the previous chunk's addresses):
-        on the CPU with the cache's dtype through the native reader (every file of a directory
-        store in one call, or every payload of a memory store) where it is built, else one
-        chunk at a time here. Signed restores stay here (their sha256 is hashlib's)."""
+        """Read, check and place every chunk (``parents``: the previous chunk's addresses). A
+        verified store's payloads in memory: all placed in one native call (``direct``), or each
+        copied to the device while the host checks (:meth:`_place_views`). A directory store's
+        files through the native reader where it is built: every file in one call (``direct``)
+        or whole files into staging a group at a time. Otherwise, and for signed restores from
+        files (their sha256 is hashlib's), one chunk at a time here."""
         def header(chunk: Chunk, parent: str) -> bytes:
             return chunk_header(self.rec.model.identity, self.rec.kv, parent, chunk.start, chunk.count)
 
-        if self.direct and not self.signed and native.module() is not None:
-            headers = [header(c, p) for c, p in zip(chunks, parents, strict=True)]
-            with contextlib.ExitStack() as stack:
-                readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
-                for chunk, r in zip(chunks, readers, strict=True):
-                    self._check_size(chunk, r)
-                if self.verify and all(r.fileno() is not None for r in readers):
-                    return self._read_native(chunks, headers, readers)
-                views = [r.view() for r in readers]
-                if not self.verify and all(v is not None for v in views):
-                    return self._copy_native(chunks, headers, views)
+        with contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
+            for chunk, r in zip(chunks, readers, strict=True):
+                self._check_size(chunk, r)
+            views = [] if self.verify else [r.view() for r in readers]
+            in_memory = not self.verify and all(v is not None for v in views)
+            built = native.module() is not None
+            if in_memory and not self.direct:
+                return self._place_views(chunks, parents, views, header)
+            if in_memory and built:
+                return self._copy_native(chunks, [header(c, p) for c, p in zip(chunks, parents, strict=True)], views)
+            if self.verify and not self.signed and built and all(r.fileno() is not None for r in readers):
+                if not self.direct:
+                    return self._stage_native(chunks, parents, readers, header)
+                return self._read_native(chunks, [header(c, p) for c, p in zip(chunks, parents, strict=True)], readers)
         for chunk, parent in zip(chunks, parents, strict=True):  # each header when it is needed:
             self.load(chunk, header(chunk, parent))  # the first copy starts sooner
 
@@ -425,13 +438,68 @@ class _ChunkLoader:
         k, v = self.session.cache.k, self.session.cache.v
         for chunk, header, got in zip(chunks, headers, native.read_chunks(files, k, v), strict=True):
             where = self._where(chunk)
-            if got.error:
-                raise SnapshotError(f"{where}: the file ended early (truncated?)" if got.error < 0
-                                    else f"{where}: {os.strerror(got.error)}")
+            self._check_read(where, got.error)
             self._check_header(where, got.header, header)
             if got.digest != chunk.obj.xxh3:
                 raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
             self._check_ids(chunk, got.ids)
+
+    def _stage_native(self, chunks: Sequence[Chunk], parents: Sequence[str], readers: list[Reader],
+                      header: Any) -> None:
+        """Whole files into staging, a group of files per native call (one file per thread, as
+        many as there are threads, at most STAGE_BYTES), each file checked, then its payload
+        placed (copied to the device) while the next group is read."""
+        per_group = max(2, torch.get_num_threads())
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i, chunk in enumerate(chunks):
+            if groups[-1] and (size + chunk.obj.size > STAGE_BYTES or len(groups[-1]) == per_group):
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += chunk.obj.size
+        need = max(sum(chunks[i].obj.size for i in g) for g in groups)
+        for group in groups:
+            buf = self._staging(need)
+            spans, at = [], 0
+            for i in group:
+                spans.append((at, chunks[i].obj.size))
+                at += chunks[i].obj.size
+            got = native.read_files([(readers[i].fileno(), buf[o : o + n])  # type: ignore[misc]
+                                     for i, (o, n) in zip(group, spans, strict=True)])
+            for i, (o, n), (digest, error) in zip(group, spans, got, strict=True):
+                chunk, where = chunks[i], self._where(chunks[i])
+                self._check_read(where, error)
+                if digest != chunk.obj.xxh3:
+                    raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+                expected = header(chunk, parents[i])
+                h, payload = len(expected), chunk.count * self.rec.kv.token_bytes
+                self._check_header(where, bytes(buf[o : o + h].numpy()), expected)
+                self._check_ids(chunk, buf[o + h + payload : o + n].numpy().view("<i4"))
+                self._place(buf[o + h : o + h + payload], chunk.start, chunk.start + chunk.count)
+            self._staged()
+
+    def _place_views(self, chunks: Sequence[Chunk], parents: Sequence[str], views: list[torch.Tensor],
+                     header: Any) -> None:
+        """A verified store's chunks in (pinned) memory, into another device or dtype: every
+        payload's copy issued first (found through the file's own header length, which must
+        account for the file's size exactly), the placing queued behind them, then each header
+        and token list compared with the manifest while the copies run."""
+        tb = self.rec.kv.token_bytes
+        starts = []
+        for chunk, view in zip(chunks, views, strict=True):
+            n = 8 + int.from_bytes(bytes(view[:8].numpy()), "little") if view.numel() >= 8 else 0
+            payload = chunk.count * tb
+            if n < 8 or n + payload + 4 * chunk.count != view.numel():
+                raise SnapshotError(f"{self._where(chunk)}: its header's length does not fit the file "
+                                    "(corrupted or altered)")
+            self._place(view[n : n + payload], chunk.start, chunk.start + chunk.count)
+            starts.append(n)
+        if self.placed:
+            self._scatter_raw()
+        for chunk, parent, view, n in zip(chunks, parents, views, starts, strict=True):
+            self._check_header(self._where(chunk), bytes(view[:n].numpy()), header(chunk, parent))
+            self._check_ids(chunk, view[n + chunk.count * tb :].numpy().view("<i4"))
 
     def _copy_native(self, chunks: Sequence[Chunk], headers: list[bytes], views: list[Any]) -> None:
         payloads = []
@@ -450,6 +518,12 @@ class _ChunkLoader:
         if r.size != chunk.obj.size:
             raise SnapshotError(f"{self._where(chunk)}: {r.size} bytes, the manifest says {chunk.obj.size} "
                                 "(truncated or replaced)")
+
+    @staticmethod
+    def _check_read(where: str, error: int) -> None:
+        if error:
+            raise SnapshotError(f"{where}: the file ended early (truncated?)" if error < 0
+                                else f"{where}: {os.strerror(error)}")
 
     @staticmethod
     def _check_header(where: str, got: bytes, header: bytes) -> None:
@@ -476,8 +550,8 @@ class _ChunkLoader:
             self._check_size(chunk, r)
             head = r.read(0, len(header))
             self._check_header(where, head, header)
-            digest = Digester(sha256=self.signed)
-            if self.verify:
+            digest = Digester(sha256=self.signed) if self.verify else None
+            if digest is not None:
                 digest.update(head)
             ids = bytearray(4 * chunk.count)
             view = r.view()
@@ -488,36 +562,48 @@ class _ChunkLoader:
                     r.readinto(offset, group)
                     for g in group:
                         offset += g.nbytes
-                        if self.verify:
+                        if digest is not None:
                             digest.update(g)
             else:
-                host = view[len(header) : len(header) + payload] if view is not None else self._stage(r, len(header), payload)
-                if self.verify:
+                staged = view is None
+                if staged:
+                    host = self._staging(kv.chunk_tokens * kv.token_bytes)[:payload]
+                    r.readinto(len(header), [host.numpy()])
+                else:
+                    host = view[len(header) : len(header) + payload]
+                if digest is not None:
                     digest.update(host.numpy())
                 if self.direct:
                     self._scatter(host, t0, t1)
                 else:
                     self._place(host, t0, t1)
+                if staged:
+                    self._staged()
             r.readinto(len(header) + payload, [ids])
-            if self.verify:
+            if digest is not None:
                 digest.update(ids)
                 got = digest.ref(chunk.obj.key)
                 if got.xxh3 != chunk.obj.xxh3 or (self.signed and got.sha256 != chunk.obj.sha256):
                     raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
         self._check_ids(chunk, np.frombuffer(ids, dtype="<i4"))
 
-    def _stage(self, r: Reader, offset: int, n: int) -> torch.Tensor:
-        cuda = self.device.type == "cuda"
+    def _staging(self, size: int) -> torch.Tensor:
+        """The next of two staging buffers (pinned on CUDA), once the copies that read it last
+        are done: ``size`` bytes."""
         if len(self.staging) < 2:
-            size = self.rec.kv.chunk_tokens * self.rec.kv.token_bytes
-            self.staging.append(torch.empty(size, dtype=torch.uint8, pin_memory=cuda))
+            self.staging.append(torch.empty(0, dtype=torch.uint8))
             self.events.append(None)
         i = self.turn = (self.turn + 1) % len(self.staging)
         if self.events[i] is not None:
-            self.events[i].synchronize()  # the copy that last read this buffer is done
-        buf = self.staging[i][:n]
-        r.readinto(offset, [buf.numpy()])
-        return buf
+            self.events[i].synchronize()
+        if self.staging[i].numel() < size:
+            self.staging[i] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+        return self.staging[i][:size]
+
+    def _staged(self) -> None:
+        """The copies from the current staging buffer are all issued."""
+        if self.cuda:
+            self.events[self.turn] = torch.cuda.current_stream(self.device).record_event()
 
     def _sides(self, host: torch.Tensor, t0: int, t1: int) -> list[torch.Tensor]:
         """Host bytes of a chunk's payload -> its k and v, each (L, H, T, D) in the chunk's dtype."""
@@ -527,20 +613,18 @@ class _ChunkLoader:
 
     def _place(self, host: torch.Tensor, t0: int, t1: int) -> None:
         """A chunk's payload bytes (k then v, each (L, H, T, D)) -> the cache, converting the
-        dtype (the paths other than ``direct``): one contiguous copy into a buffer on the
-        cache's device (on CUDA the copy engine at full speed: torch would stage a copy into
-        the strided cache the same way), placed by :meth:`finish`, so that the copies of all
-        chunks run back to back while the host checks the next ones."""
-        cuda = self.device.type == "cuda"
+        dtype (the paths other than ``direct``). On CUDA one contiguous copy into a device buffer
+        (the copy engine at full speed: torch would stage a copy into the strided cache the same
+        way), placed later by :meth:`_scatter_raw`, so that the copies of all chunks run back to
+        back while the host checks and reads the next ones."""
+        if not self.cuda:
+            self._scatter(host, t0, t1)
+            return
         if self.raw is None:
             self.raw = torch.empty(self.rec.position * self.rec.kv.token_bytes, dtype=torch.uint8, device=self.device)
         at = t0 * self.rec.kv.token_bytes
-        self.raw[at : at + host.numel()].copy_(host, non_blocking=cuda)
+        self.raw[at : at + host.numel()].copy_(host, non_blocking=True)
         self.placed.append((t0, t1))
-        if cuda and self.staging and host.data_ptr() == self.staging[self.turn].data_ptr():
-            event = torch.cuda.Event()
-            event.record()
-            self.events[self.turn] = event  # the staging buffer is free again after this
 
     def _scatter(self, src: torch.Tensor, t0: int, t1: int) -> None:
         """Payload bytes on the cache's device -> positions [t0, t1) of the cache."""
@@ -553,8 +637,9 @@ class _ChunkLoader:
                 dst[0, :, t0:t1].copy_(side[layer])
 
     def _scatter_raw(self) -> None:
-        """The device buffer's chunks -> the cache: the leading run of full chunks in one copy
-        per side (a (chunks, side, L, H, T, D) view permuted into the cache), the rest one by one."""
+        """The device buffer's chunks not yet placed -> the cache: a leading run of full chunks
+        in one copy per side (a (chunks, side, L, H, T, D) view permuted into the cache), the
+        rest one by one."""
         assert self.raw is not None
         kv, cache = self.rec.kv, self.session.cache
         ct, tb = kv.chunk_tokens, kv.token_bytes
@@ -570,12 +655,13 @@ class _ChunkLoader:
             n = 0
         for t0, t1 in self.placed[n:]:
             self._scatter(self.raw[t0 * tb : t1 * tb], t0, t1)
+        self.placed.clear()
 
     def finish(self, session: Session, tokens: list[int], rng: bytes) -> None:
         """Make the session hold the tokens: every chunk was read and checked."""
         if self.placed:
             self._scatter_raw()
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
         session.adopt_kv(tokens, rng)
 

@@ -1,11 +1,12 @@
-"""Native chunk I/O for restoring sessions into a CPU cache (``chunks.cpp``).
+"""Native chunk I/O for restoring sessions (``chunks.cpp``).
 
 Reading a 4,096-token snapshot of SmolLM2 is 94 MB of ``preadv`` and xxh3: in Python that is
 ~2,900 GIL-holding hash calls after as many reads on one core. Here every chunk file of a
-restore is read, hashed and placed in one call, on torch's intra-op threads, and
-payloads already in memory are copied the same way. The functions below check every address
-range against the tensors before calling in; the caller still compares headers, digests and
-token ids with the manifest before the session adopts the bytes.
+restore is read, hashed and placed in one call, on torch's intra-op threads, and payloads
+already in memory are copied the same way; restores into a GPU cache (or another dtype) read
+whole files into staging buffers with :func:`read_files`. The functions below check every
+address range against the tensors before calling in; the caller still compares headers,
+digests and token ids with the manifest before the session adopts the bytes.
 
 Compiled on first use like the CPU kernels (:mod:`driftwood.native`); where that fails, or
 with ``DRIFTWOOD_NATIVE=0``, :func:`module` is None and restores take the Python path.
@@ -116,6 +117,19 @@ def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, ro
         [f.fd for f in files], [h.ctypes.data for h in headers], [f.header_bytes for f in files],
         [f.start for f in files], [f.count for f in files], [i.ctypes.data for i in ids], *cache)
     return [ChunkRead(h.tobytes(), d.hex(), i, e) for h, d, i, e in zip(headers, digests, ids, errors, strict=True)]
+
+
+def read_files(files: Sequence[tuple[int, torch.Tensor]]) -> list[tuple[str, int]]:
+    """Read whole files (fd, from offset 0) into host buffers (contiguous uint8 CPU tensors,
+    each filled from its start to its end), each hashed with xxh3-128 as it is read. Returns
+    (digest as hex, 0 / -1 when the file ended early / errno) per file."""
+    mod = _built()
+    for _, buf in files:
+        if buf.device.type != "cpu" or buf.dtype != torch.uint8 or not buf.is_contiguous():
+            raise ValueError("a destination must be a contiguous uint8 CPU tensor")
+    digests, errors = mod.read_files([fd for fd, _ in files], [b.data_ptr() for _, b in files],
+                                     [b.numel() for _, b in files])
+    return [(d.hex(), e) for d, e in zip(digests, errors, strict=True)]
 
 
 def copy_chunks(payloads: Sequence[tuple[torch.Tensor, Span]], k: torch.Tensor, v: torch.Tensor,

@@ -11,7 +11,9 @@
 // xxh3-128 as it goes (xxHash 0.8.4, vendored as xxhash.h: the same digest python-xxhash gives
 // the writer). Planes are read with preadv about 256 KiB at a time and hashed while still in the
 // core's cache. copy_chunks: payloads already in memory (checked when they were loaded) ->
-// planes. Chunks are spread over torch's intra-op threads.
+// planes. read_files: whole files into host buffers as they are (the staging of a restore into
+// a GPU cache or another dtype), hashed the same way. Work is spread over torch's intra-op
+// threads.
 //
 // Nothing here trusts the data: the caller (driftwood/snapshot/native/__init__.py) validates
 // every address range before the call, and compares each header, digest and token id with the
@@ -119,6 +121,24 @@ int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes
   return 0;
 }
 
+// The whole file (size bytes) into dest, hashed with xxh3-128 kGroupBytes at a time.
+int read_file(int fd, uint8_t* dest, int64_t size, uint8_t digest[16]) {
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_128bits_reset(&state);
+  std::vector<iovec> iov;
+  for (int64_t offset = 0; offset < size; offset += kGroupBytes) {
+    const size_t n = static_cast<size_t>(std::min<int64_t>(kGroupBytes, size - offset));
+    iov.assign({{dest + offset, n}});
+    if (int err = read_all(fd, iov, offset)) return err;
+    XXH3_128bits_update(&state, dest + offset, n);
+  }
+  XXH128_canonical_t canon;
+  XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(&state));
+  std::memcpy(digest, canon.digest, 16);
+  return 0;
+}
+
 Cache make_cache(uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
                  int64_t head_stride, int64_t row_bytes) {
   return {{reinterpret_cast<uint8_t*>(k), reinterpret_cast<uint8_t*>(v)}, layers, heads, layer_stride,
@@ -147,6 +167,21 @@ py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std:
   return py::make_tuple(out, status);
 }
 
+// Returns ([xxh3-128 digest of each file's first size bytes], [0, -1 (ended early) or errno]).
+py::tuple read_files(std::vector<int> fds, std::vector<uintptr_t> dests, std::vector<int64_t> sizes) {
+  const size_t n = fds.size();
+  if (dests.size() != n || sizes.size() != n)
+    throw std::invalid_argument("read_files: one destination and size per file");
+  std::vector<uint8_t> digests(16 * n);
+  std::vector<int> status(n);
+  parallel(n, [&](size_t c) {
+    status[c] = read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], &digests[16 * c]);
+  });
+  py::list out;
+  for (size_t c = 0; c < n; ++c) out.append(py::bytes(reinterpret_cast<char*>(&digests[16 * c]), 16));
+  return py::make_tuple(out, status);
+}
+
 void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, std::vector<int64_t> counts,
                  uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
                  int64_t head_stride, int64_t row_bytes) {
@@ -167,5 +202,6 @@ void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_chunks", &read_chunks, "Read and hash KV chunk files into a CPU cache (chunks.cpp)");
+  m.def("read_files", &read_files, "Read and hash whole files into host buffers (chunks.cpp)");
   m.def("copy_chunks", &copy_chunks, "Copy in-memory KV chunk payloads into a CPU cache (chunks.cpp)");
 }
