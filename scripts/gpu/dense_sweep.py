@@ -1,16 +1,17 @@
 """The dense one-row GEMV (kernels._gemv_kernel, BF16 decode at batch 1) per configuration on
-the Llama-3.2-1B shapes: GB/s of weight bytes, rotating over enough copies of each matrix to
-defeat the 50 MB L2, beside torch.mm (cuBLAS). Prints the best configuration per shape and
+the Llama-3.2-1B shapes: GB/s of weight bytes, each product replayed in a CUDA graph over enough
+copies of its matrix to defeat the 50 MB L2, with RMSNorm inside for qkv, gate_up and the head
+(as decode runs them: timed from Python, the small products measured Triton's launch overhead),
+beside torch.mm (cuBLAS, no norm). Prints the best configuration per shape and
 writes JSON. Usage: python scripts/gpu/dense_sweep.py OUT.json"""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 
 import torch
-import triton.testing
+from scripts.gpu_engine_check import graph_ms
 
 from driftwood.model.cuda import kernels as K
 
@@ -27,17 +28,21 @@ def main() -> int:
         copies = max(1, min(16, (200 << 20) // nbytes))
         mats = [torch.randn(N, Kd, device="cuda").bfloat16() for _ in range(copies)]
         x = torch.randn(1, Kd, device="cuda").bfloat16()
+        nw = torch.rand(Kd, device="cuda").bfloat16()
         out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
         for cfg in [None, *CONFIGS]:
-            it = itertools.cycle(mats)
             if cfg is None:
-                def call(it=it, x=x, out=out):
-                    torch.mm(x, next(it).t(), out=out)
+                def call(x=x, out=out, mats=mats):
+                    for w in mats:
+                        torch.mm(x, w.t(), out=out)
             else:
-                def call(it=it, cfg=cfg, x=x, out=out):
-                    K.gemv(x, K.DENSE, next(it), None, out=out, config=cfg)
+                norm = (nw, 1e-5) if name in ("qkv", "gate_up", "head") else None  # as decode runs them
+
+                def call(cfg=cfg, x=x, out=out, mats=mats, norm=norm):
+                    for w in mats:
+                        K.gemv(x, K.DENSE, w, None, out=out, config=cfg, norm=norm)
             try:
-                ms = triton.testing.do_bench(call, warmup=5, rep=30, return_mode="median")
+                ms = graph_ms(call) / len(mats)
             except Exception as exc:
                 rows.append({"shape": name, "config": cfg, "error": repr(exc)[:200]})
                 continue

@@ -12,6 +12,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dict[str, float]:
     """Fresh random inputs each call (``seed``: KERNEL_CHECK_SEED, else random; printed)."""
+    import itertools
     import os
 
     import torch.nn.functional as F
@@ -46,11 +47,13 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
             y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)  # poisoned
             K.gemv(x, fmt, codes, scales, out=y, config=cfg)
             errs[f"{name} {cfg}"] = rel(y, x.float() @ w.t())  # NaN (unwritten) never passes
-    for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
-        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), device=device))
-        errs[f"dequantize {name} float32 (exact)"] = float((d - w).abs().max())
-        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), dtype=torch.bfloat16, device=device))
-        errs[f"dequantize {name} bfloat16"] = rel(d, w)
+    for (name, fmt, codes, w), dq in itertools.product([("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)],
+                                                       [K.DEQUANT, (4, 128, 2), (16, 64, 4)]):
+        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), device=device), config=dq)
+        errs[f"dequantize {name} {dq} float32 (exact)"] = float((d - w).abs().max())
+        d = K.dequantize(fmt, codes, scales, torch.full((N, Kd), float("nan"), dtype=torch.bfloat16, device=device),
+                         config=dq)
+        errs[f"dequantize {name} {dq} bfloat16"] = rel(d, w)
     for cfg in [(1, 4, 128, 4, False), (1, 2, 128, 2, False), (4, 4, 256, 4, False), (16, 16, 64, 4, True)]:
         errs[f"dense {cfg}"] = rel(K.gemv(x, K.DENSE, wd, None, config=cfg), x.float() @ wd.float().t())
     res = randn(M, N).bfloat16()
@@ -69,6 +72,17 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
         y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
         K.gemv(x, fmt, codes, scales, out=y, config=("mm", 0.01))
         errs[f"fmt {fmt} mm float32 out"] = rel(y, x.float() @ w.t())
+    # rows past one 16-row dot: the sub-blocks sharing one dequantized tile (SUB 2 and 4, the last
+    # one partly masked), with SiLU-gating and a residual
+    M2 = 53
+    xg2 = randn(M2, 2 * Kd).bfloat16()
+    res2 = randn(M2, N).bfloat16()
+    h2 = F.silu(xg2[:, :Kd].float()) * xg2[:, Kd:].float()
+    for cfg in [("dotj", 16, 16, 128, 4, 0, 4), ("dotj", 16, 32, 256, 4, 3, 2), ("dotj", 16, 128, 128, 4, 0, 2)]:
+        for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
+            y = torch.full((M2, N), float("nan"), dtype=x.dtype, device=device)
+            K.gemv(xg2, fmt, codes, scales, residual=res2, glu=True, out=y, config=cfg)
+            errs[f"{name} {cfg} {M2} rows glu residual"] = rel(y, res2.float() + h2 @ w.t())
     wn = randn(Kd).bfloat16()
     xf = x.float()  # RMSNorm fused into the product, against float32 throughout
     hn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.float()

@@ -199,7 +199,15 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, fifth pass: Q4_0/Q8_0 dequantizer with coalesced stores and the joined-tile "
+    "graphs": ({}, {}, "2026-11-22, sixth pass: the dequantizer 2.2x faster (a group's words in one vector load, "
+               "positions permuted in registers: 2.3-2.8 TB/s) and the 5-64-row configurations chosen from a "
+               "sweep timed in CUDA graphs (dequantize + cuBLAS for nearly everything at 17-64 rows): batch 64 "
+               "Q4_0 ~2.3 ms a step (~28k tok/s, ~19x batch 1), Q8_0 ~2.5 ms (~26k, ~21x); batch 32 Q4_0 ~2.15 ms "
+               "(~15k tok/s); batch 8 Q4_0 ~1.9 ms (~4.2k tok/s); quantized prefill at 512 tokens ~-4 ms. Measured "
+               "(first run, a slower host): batch 64 Q4_0 24.4k tok/s (16.6x), Q8_0 23.0k (19.0x); batch 32 13.4k / "
+               "12.4k; batch 8 3.9k / 3.6k. Then batch-1 configurations from the sweeps timed in graphs (the earlier "
+               "sweeps, timed from Python, measured launch overhead for products under ~20 us), with RMSNorm inside as "
+               "decode runs them: Q4_0 ~-55 us a token, Q8_0 ~-28 us, BF16 ~-38 us. Fifth pass: Q4_0/Q8_0 dequantizer with coalesced stores and the joined-tile "
                "tl.dot (dotj) for wide matrices at 5-16 rows: batch 8/32/64 quantized -10-20% a step, batch 1 "
                "unchanged. Fourth pass: BF16's one-row dense GEMV configured per matrix shape from "
                "scripts/gpu/dense_sweep.py (qkv, o, down -0.4, -0.8, -1.0 us each in isolation): BF16 ~-30 us a "
