@@ -394,7 +394,7 @@ class _ChunkLoader:
         self.session = session
         if session.cache is None:
             raise SnapshotError("the session is closed")
-        first = _per_layer(session.cache.k)[0] if isinstance(session.cache.k, list | tuple) else session.cache.k
+        first = session.cache.k[0] if isinstance(session.cache.k, list | tuple) else session.cache.k
         self.device = first.device
         self.cuda = self.device.type == "cuda"
         self.direct = not self.cuda and first.dtype == self.dtype
@@ -414,6 +414,9 @@ class _ChunkLoader:
         def header(chunk: Chunk, parent: str) -> bytes:
             return chunk_header(self.rec.model.identity, self.rec.kv, parent, chunk.start, chunk.count)
 
+        def headers() -> list[bytes]:
+            return [header(c, p) for c, p in zip(chunks, parents, strict=True)]
+
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
             for chunk, r in zip(chunks, readers, strict=True):
@@ -424,11 +427,11 @@ class _ChunkLoader:
             if in_memory and not self.direct:
                 return self._place_views(chunks, parents, views, header)
             if in_memory and built:
-                return self._copy_native(chunks, [header(c, p) for c, p in zip(chunks, parents, strict=True)], views)
+                return self._copy_native(chunks, headers(), views)
             if self.verify and not self.signed and built and all(r.fileno() is not None for r in readers):
                 if not self.direct:
                     return self._stage_native(chunks, parents, readers, header)
-                return self._read_native(chunks, [header(c, p) for c, p in zip(chunks, parents, strict=True)], readers)
+                return self._read_native(chunks, headers(), readers)
         for chunk, parent in zip(chunks, parents, strict=True):  # each header when it is needed:
             self.load(chunk, header(chunk, parent))  # the first copy starts sooner
 

@@ -277,25 +277,33 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K
 
 
 @triton.jit
-def _joined_tile(w_ptr, s_ptr, rows, k0, ri, K, ma, mb, ca, cb, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, dt: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) tile of a Q4_0 / Q8_0 matrix at k-block k0 dequantized to dt, its
-    columns in the packed order (column k' = word * NS + position; see :func:`_packed_columns`):
-    each position of the (BLOCK_N, words) tile dequantized as in _qgemm_kernel, then joined."""
-    w, s = _word_tile(w_ptr, s_ptr, rows, k0, ri, K, FMT)
+def _joined_positions(w, s, FMT: tl.constexpr, ma, mb, ca, cb):
+    """Every code position of the int32 words ``w`` dequantized (as :func:`_slot` reads them,
+    times the scales ``s``, broadcast against ``w``) and joined into new trailing dimensions:
+    ``[..., i, j, l]`` = position 4i + 2j + l (Q4_0), ``[..., i, j]`` = position 2i + j (Q8_0),
+    so that flattening them gives the positions in order."""
     d0 = (_slot(w, 0, FMT, ma, mb, ca, cb) - _slot_offset(0, FMT)) * s
     d1 = (_slot(w, 1, FMT, ma, mb, ca, cb) - _slot_offset(1, FMT)) * s
     d2 = (_slot(w, 2, FMT, ma, mb, ca, cb) - _slot_offset(2, FMT)) * s
     d3 = (_slot(w, 3, FMT, ma, mb, ca, cb) - _slot_offset(3, FMT)) * s
-    if FMT == 2:  # [..., i, j, l] = position 4i + 2j + l
+    if FMT == 2:
         d4 = (_slot(w, 4, FMT, ma, mb, ca, cb) - _slot_offset(4, FMT)) * s
         d5 = (_slot(w, 5, FMT, ma, mb, ca, cb) - _slot_offset(5, FMT)) * s
         d6 = (_slot(w, 6, FMT, ma, mb, ca, cb) - _slot_offset(6, FMT)) * s
         d7 = (_slot(w, 7, FMT, ma, mb, ca, cb) - _slot_offset(7, FMT)) * s
         t = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
-    else:  # [..., i, j] = position 2i + j
+    else:  # one return: Triton type-checks every return, the skipped branch's too
         t = tl.join(tl.join(d0, d2), tl.join(d1, d3))
-    return tl.reshape(t.to(dt), (BLOCK_N, BLOCK_K))
+    return t
+
+
+@triton.jit
+def _joined_tile(w_ptr, s_ptr, rows, k0, ri, K, ma, mb, ca, cb, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, dt: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) tile of a Q4_0 / Q8_0 matrix at k-block k0 dequantized to dt, its
+    columns in the packed order (column k' = word * NS + position; see :func:`_packed_columns`)."""
+    w, s = _word_tile(w_ptr, s_ptr, rows, k0, ri, K, FMT)
+    return tl.reshape(_joined_positions(w, s, FMT, ma, mb, ca, cb).to(dt), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -663,19 +671,7 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, ma, mb, ca, cb, FMT: tl.constex
     s = tl.load(s_ptr + rr[:, None] * (K // 32) + g[None, :]).to(tl.float32)[:, :, None]
     if FMT == 1:
         w = w ^ -0x7F7F7F80
-    d0 = (_slot(w, 0, FMT, ma, mb, ca, cb) - _slot_offset(0, FMT)) * s
-    d1 = (_slot(w, 1, FMT, ma, mb, ca, cb) - _slot_offset(1, FMT)) * s
-    d2 = (_slot(w, 2, FMT, ma, mb, ca, cb) - _slot_offset(2, FMT)) * s
-    d3 = (_slot(w, 3, FMT, ma, mb, ca, cb) - _slot_offset(3, FMT)) * s
-    if FMT == 2:  # [..., w, i, j, l] = position 4i + 2j + l
-        d4 = (_slot(w, 4, FMT, ma, mb, ca, cb) - _slot_offset(4, FMT)) * s
-        d5 = (_slot(w, 5, FMT, ma, mb, ca, cb) - _slot_offset(5, FMT)) * s
-        d6 = (_slot(w, 6, FMT, ma, mb, ca, cb) - _slot_offset(6, FMT)) * s
-        d7 = (_slot(w, 7, FMT, ma, mb, ca, cb) - _slot_offset(7, FMT)) * s
-        t = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
-        t = tl.reshape(t, (BLOCK_R, BLOCK_G, WG, NS))
-    else:  # [..., w, i, j] = position 2i + j
-        t = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_R, BLOCK_G, WG, NS))
+    t = tl.reshape(_joined_positions(w, s, FMT, ma, mb, ca, cb), (BLOCK_R, BLOCK_G, WG, NS))
     t = tl.reshape(tl.permute(t, (0, 1, 3, 2)), (BLOCK_R, BLOCK_G * 32))
     cols = pid_g * (BLOCK_G * 32) + tl.arange(0, BLOCK_G * 32)
     mask = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R) < N)[:, None]

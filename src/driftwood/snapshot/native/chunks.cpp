@@ -79,14 +79,28 @@ void parallel(size_t n, const std::function<void(size_t)>& body) {
   });
 }
 
+// xxh3-128 over a stream of pieces; digest() writes the canonical (big-endian) bytes, as
+// python-xxhash's digest() gives them.
+struct Xxh3 {
+  XXH3_state_t state;
+  Xxh3() {
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+  }
+  void update(const void* p, size_t n) { XXH3_128bits_update(&state, p, n); }
+  void digest(uint8_t out[16]) {
+    XXH128_canonical_t canon;
+    XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(&state));
+    std::memcpy(out, canon.digest, 16);
+  }
+};
+
 int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes, int64_t t0,
                int64_t count, uint8_t* ids, uint8_t digest[16]) {
-  XXH3_state_t state;
-  XXH3_INITSTATE(&state);
-  XXH3_128bits_reset(&state);
+  Xxh3 hash;
   std::vector<iovec> iov{{header, static_cast<size_t>(header_bytes)}};
   if (int err = read_all(fd, iov, 0)) return err;
-  XXH3_128bits_update(&state, header, header_bytes);
+  hash.update(header, header_bytes);
   int64_t offset = header_bytes;
   const size_t plane = count * cache.row_bytes;
   std::vector<uint8_t*> group;
@@ -94,7 +108,7 @@ int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes
     iov.clear();
     for (uint8_t* p : group) iov.push_back({p, plane});
     if (int err = read_all(fd, iov, offset)) return err;
-    for (uint8_t* p : group) XXH3_128bits_update(&state, p, plane);
+    for (uint8_t* p : group) hash.update(p, plane);
     offset += group.size() * plane;
     group.clear();
     return 0;
@@ -114,29 +128,34 @@ int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes
   }
   iov.assign({{ids, static_cast<size_t>(4 * count)}});
   if (int err = read_all(fd, iov, offset)) return err;
-  XXH3_128bits_update(&state, ids, 4 * count);
-  XXH128_canonical_t canon;
-  XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(&state));
-  std::memcpy(digest, canon.digest, 16);
+  hash.update(ids, 4 * count);
+  hash.digest(digest);
   return 0;
 }
 
 // The whole file (size bytes) into dest, hashed with xxh3-128 kGroupBytes at a time.
 int read_file(int fd, uint8_t* dest, int64_t size, uint8_t digest[16]) {
-  XXH3_state_t state;
-  XXH3_INITSTATE(&state);
-  XXH3_128bits_reset(&state);
+  Xxh3 hash;
   std::vector<iovec> iov;
   for (int64_t offset = 0; offset < size; offset += kGroupBytes) {
     const size_t n = static_cast<size_t>(std::min<int64_t>(kGroupBytes, size - offset));
     iov.assign({{dest + offset, n}});
     if (int err = read_all(fd, iov, offset)) return err;
-    XXH3_128bits_update(&state, dest + offset, n);
+    hash.update(dest + offset, n);
   }
-  XXH128_canonical_t canon;
-  XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(&state));
-  std::memcpy(digest, canon.digest, 16);
+  hash.digest(digest);
   return 0;
+}
+
+// read(c, digest of file c) for every file on torch's threads -> the Python result
+// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early) or errno]).
+py::tuple read_each(size_t n, const std::function<int(size_t, uint8_t*)>& read) {
+  std::vector<uint8_t> digests(16 * n);
+  std::vector<int> status(n);
+  parallel(n, [&](size_t c) { status[c] = read(c, &digests[16 * c]); });
+  py::list out;
+  for (size_t c = 0; c < n; ++c) out.append(py::bytes(reinterpret_cast<char*>(&digests[16 * c]), 16));
+  return py::make_tuple(out, status);
 }
 
 Cache make_cache(uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
@@ -147,7 +166,7 @@ Cache make_cache(uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_
 
 }  // namespace
 
-// Returns ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early) or errno]).
+// Returns read_each's ([digest of each file], [status of each file]).
 py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std::vector<int64_t> header_bytes,
                       std::vector<int64_t> starts, std::vector<int64_t> counts, std::vector<uintptr_t> ids,
                       uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
@@ -156,30 +175,20 @@ py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std:
   if (headers.size() != n || header_bytes.size() != n || starts.size() != n || counts.size() != n || ids.size() != n)
     throw std::invalid_argument("read_chunks: one header, start, count and id buffer per file");
   const Cache cache = make_cache(k, v, layers, heads, layer_stride, head_stride, row_bytes);
-  std::vector<uint8_t> digests(16 * n);
-  std::vector<int> status(n);
-  parallel(n, [&](size_t c) {
-    status[c] = read_chunk(cache, fds[c], reinterpret_cast<uint8_t*>(headers[c]), header_bytes[c], starts[c],
-                           counts[c], reinterpret_cast<uint8_t*>(ids[c]), &digests[16 * c]);
+  return read_each(n, [&](size_t c, uint8_t* digest) {
+    return read_chunk(cache, fds[c], reinterpret_cast<uint8_t*>(headers[c]), header_bytes[c], starts[c], counts[c],
+                      reinterpret_cast<uint8_t*>(ids[c]), digest);
   });
-  py::list out;
-  for (size_t c = 0; c < n; ++c) out.append(py::bytes(reinterpret_cast<char*>(&digests[16 * c]), 16));
-  return py::make_tuple(out, status);
 }
 
-// Returns ([xxh3-128 digest of each file's first size bytes], [0, -1 (ended early) or errno]).
+// Returns read_each's ([digest of each file's first size bytes], [status of each file]).
 py::tuple read_files(std::vector<int> fds, std::vector<uintptr_t> dests, std::vector<int64_t> sizes) {
   const size_t n = fds.size();
   if (dests.size() != n || sizes.size() != n)
     throw std::invalid_argument("read_files: one destination and size per file");
-  std::vector<uint8_t> digests(16 * n);
-  std::vector<int> status(n);
-  parallel(n, [&](size_t c) {
-    status[c] = read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], &digests[16 * c]);
+  return read_each(n, [&](size_t c, uint8_t* digest) {
+    return read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], digest);
   });
-  py::list out;
-  for (size_t c = 0; c < n; ++c) out.append(py::bytes(reinterpret_cast<char*>(&digests[16 * c]), 16));
-  return py::make_tuple(out, status);
 }
 
 void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, std::vector<int64_t> counts,
