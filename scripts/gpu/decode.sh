@@ -4,7 +4,8 @@
 # Llama-3.2-1B GGUFs (BF16, Q4_0, Q8_0) written here in /tmp (nothing large travels).
 # Usage (from the repository root, carry .whl): bash scripts/gpu/decode.sh [bench options]
 # STAGES (default tests,check,bench) may also name sweep (the quantized kernels' configurations,
-# to $OUT/sweep/) and prefill (cold and warm prefill times of each file, one row per call).
+# to $OUT/sweep/), prefill (cold and warm prefill times of each file, one row per call) and
+# profile (scripts/gpu/step_profile.py: each step's kernels from the CUDA profiler, batch 1 and 64).
 set -u
 . scripts/gpu/setup.sh
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -41,6 +42,11 @@ for d in ("bf16", "q4_0"):
     torch.cuda.empty_cache()
 PY
 ;;
+esac
+case $STAGES in *profile*)
+  files=$(for d in ${PROFILE_DTYPES:-bf16 q4_0 q8_0}; do printf %s, /tmp/llama3.2-1b-$d.gguf; done)
+  timeout ${PROFILE_TIMEOUT:-180} python3 scripts/gpu/step_profile.py --batch ${PROFILE_BATCH:-1,64} \
+    --prefetch ${PROFILE_PREFETCH:-on} --model "${files%,}" --json "$OUT/step-profile-cuda.json" 2>&1 | tee "$OUT/profile.txt" ;;
 esac
 case $STAGES in *bench*)
   timeout ${BENCH_TIMEOUT:-240} python3 -m driftwood.cli.main bench decode --device cuda \

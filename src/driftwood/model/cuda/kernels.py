@@ -368,6 +368,76 @@ def _qgemm_j_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N,
 
 
 @triton.jit
+def _position_major_columns(FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's column for each row of :func:`_position_major_tile` (k' = position * words + word):
+    runs of a group's words are contiguous columns (4 for Q4_0, 8 for Q8_0)."""
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    kk = tl.arange(0, BLOCK_K)
+    word, p = kk % BW, kk // BW
+    return (word // WG) * 32 + p * WG + word % WG
+
+
+@triton.jit
+def _position_major_tile(w_ptr, s_ptr, rows, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr,
+                         dt: tl.constexpr):
+    """The (BLOCK_K, len(rows)) transposed tile of a Q4_0 / Q8_0 matrix at k-block k0,
+    dequantized to dt: the (words, rows) tile of codes shifted by each position into a new
+    leading dimension and flattened (k' = position * words + word; :func:`_position_major_columns`
+    gives the matching columns of x)."""
+    NS: tl.constexpr = 8 if FMT == 2 else 4
+    WG: tl.constexpr = 32 // NS
+    BW: tl.constexpr = BLOCK_K // NS
+    BITS: tl.constexpr = 32 // NS
+    ri = tl.arange(0, BW)
+    w = tl.load(w_ptr + rows[None, :] * (K // NS) + (k0 // NS + ri)[:, None])  # (BW, BN)
+    s = tl.load(s_ptr + rows[None, :] * (K // 32) + (k0 // 32 + ri // WG)[:, None]).to(tl.float32)
+    sh = tl.arange(0, NS) * BITS
+    c = (w[None, :, :] >> sh[:, None, None]) & ((1 << BITS) - 1)  # (NS, BW, BN), unsigned codes
+    if FMT == 2:
+        q = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + code - (2^23 + 8)
+    else:
+        q = ((c ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # the signed byte
+    return tl.reshape((q * s[None, :, :]).to(dt), (BLOCK_K, rows.shape[0]))
+
+
+@triton.jit
+def _qgemm_r_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm, stride_rm, stride_om,
+                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr):
+    """BLOCK_M rows of x (up to 64: one warpgroup MMA) against BLOCK_N rows of a Q4_0 / Q8_0
+    matrix: each k-block's weights dequantized once into a (BLOCK_K, BLOCK_N) tile in
+    position-major order (:func:`_position_major_tile`), x's columns gathered in that order, one
+    tl.dot. NORM: x put through RMSNorm first (each program sums its rows' squares); GLU:
+    silu(gate) * up; the residual added in the epilogue."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rnl = tl.where(mask_n, rn, 0)
+    col = _position_major_columns(FMT, BLOCK_K)
+    dt = x_ptr.dtype.element_ty
+    if NORM:
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = _load_x(x_ptr, rm, mask_m, k0 + tl.arange(0, BLOCK_K), stride_xm, K, False)
+            ss += tl.sum(v * v, axis=1)
+        r = tl.rsqrt(ss / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        wt = _position_major_tile(w_ptr, s_ptr, rnl, k0, K, FMT, BLOCK_K, dt)
+        x = _load_x(x_ptr, rm, mask_m, k0 + col, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
+        if NORM:  # as rms_norm rounds: normalized, to the dtype, scaled, to the dtype
+            nw = tl.load(nw_ptr + k0 + col).to(tl.float32)
+            x = (nw[None, :] * (x * r[:, None]).to(dt).to(tl.float32)).to(dt)
+        acc += _dot(x, wt, F32)
+    _store_rows(acc, rm, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
+
+
+@triton.jit
 def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K: tl.constexpr, stride_xm,
                     stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
@@ -556,7 +626,7 @@ def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
 def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
     """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
     cfg = config or pick_config(fmt, m, n, k)
-    return cfg[0] in ("gemv", "gemvT") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
+    return cfg[0] in ("gemv", "gemvT", "dotr") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
@@ -573,7 +643,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
          residual: torch.Tensor | None = None, glu: bool = False, out: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: tuple | None = None,
          norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
-         pdl: bool = False) -> torch.Tensor:
+         pdl: bool = False, prefetch: WeightPrefetch | None = None) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``) -> (M, N) = x' @ W.T (+ residual (M, N)).
 
     ``out`` may be ``residual`` itself (each element is read, then written, by one program).
@@ -581,7 +651,8 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     ``rope`` (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim): W is the QKV
     matrix and the product goes where :func:`rope_store` puts it (only where :func:`fuses_rope`);
     returns the rotated queries (M, H, D). ``pdl``: programmatic dependent launch (gemvT and the
-    dense one-row kernel).
+    dense one-row kernel). ``prefetch``: where the configuration is dequantize-then-cuBLAS, the
+    dequantized chunks come from this :class:`WeightPrefetch` (W must be its plan's next matrix).
     """
     M = x.shape[0]
     N = codes.shape[0]
@@ -590,7 +661,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     cfg = config or pick_config(fmt, M, N, K)
     if cfg[0] == "mm":
         assert norm is None and rope is None and fmt != DENSE
-        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1])
+        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1], prefetch)
     if rope is not None:
         pos, inv_freq, kc, vc, H, HKV, D = rope
         assert fuses_rope(fmt, M, N, K, cfg, D) and N == (H + 2 * HKV) * D and residual is None
@@ -634,6 +705,14 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
             x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
             *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
             **rope_kw, **_launch(pdl))
+    elif kind == "dotr":
+        _, bm, bn, bk, warps, *rest = cfg
+        bk = min(bk, K)
+        assert K % bk == 0, (K, bk)
+        _qgemm_r_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            x, codes, scales, res, out, nw, eps, M, N, K, x.stride(0), res.stride(0), out.stride(0), FMT=fmt,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps,
+            **({"num_stages": rest[0]} if rest and rest[0] else {}), **common)
     else:
         _, bm, bn, bk, warps, *rest = cfg  # dotj: optionally num_stages, then SUB
         stages, sub = (rest + [0, 1][len(rest):])[:2]
@@ -709,23 +788,21 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb):
+def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb, prefetch=None):
     """x' @ W.T (+ residual) with W dequantized to bfloat16 in chunks of rows (``chunk_mb`` MB
     each, 0: the whole matrix) into a reused scratch buffer, each chunk then through cuBLAS;
-    chunks small enough stay in L2 between the two."""
+    chunks small enough stay in L2 between the two. ``prefetch``: the chunks come dequantized
+    ahead of time from a :class:`WeightPrefetch` instead (this matrix must be its next)."""
     K = scales.shape[1] * 32
     N = codes.shape[0]
     M = x.shape[0]
     if glu:
         g, u = x[:, :K], x[:, K:]
         x = torch.nn.functional.silu(g) * u
-    rows = N if chunk_mb == 0 else max(16, min(N, int(chunk_mb * (1 << 20)) // (2 * K)))
-    buf = _scratch(rows * K, x.device)
     direct = out is None or out.dtype == x.dtype
     y = out if direct and out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        w = dequantize(fmt, codes[n0:n1], scales[n0:n1], buf[: (n1 - n0) * K].view(n1 - n0, K))
+    chunks = prefetch.take(codes) if prefetch is not None else _inline_chunks(fmt, codes, scales, chunk_mb)
+    for n0, n1, w in chunks:
         if residual is not None:
             if residual.data_ptr() != y.data_ptr():
                 y[:, n0:n1].copy_(residual[:, n0:n1])
@@ -737,6 +814,93 @@ def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb):
     if not direct:
         out.copy_(y)
     return out
+
+
+def _chunk_rows(N: int, K: int, chunk_mb: float) -> int:
+    """Rows of an (N, K) matrix in one bfloat16 chunk of ``chunk_mb`` MB (0: all)."""
+    return N if chunk_mb == 0 else max(16, min(N, int(chunk_mb * (1 << 20)) // (2 * K)))
+
+
+def _inline_chunks(fmt, codes, scales, chunk_mb):
+    """(n0, n1, W[n0:n1] in bfloat16) chunk by chunk, each dequantized on the current stream
+    into the shared scratch buffer when asked for."""
+    N, K = codes.shape[0], scales.shape[1] * 32
+    rows = _chunk_rows(N, K, chunk_mb)
+    buf = _scratch(rows * K, codes.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        yield n0, n1, dequantize(fmt, codes[n0:n1], scales[n0:n1], buf[: (n1 - n0) * K].view(n1 - n0, K))
+
+
+class WeightPrefetch:
+    """A step's dequantize-then-cuBLAS products with the dequantizing on a second stream, ahead.
+
+    The weights do not depend on the activations, so every chunk of every matrix the step will
+    multiply (``begin``: the plan, in call order) can be dequantized before its product is
+    reached: a ring of ``slots`` bfloat16 chunks of ``chunk_mb`` MB (small enough to stay in
+    L2), chunk i into slot i % slots once the product of chunk i - slots has read it. The
+    products (``take``, on the current stream) wait for their chunk's event; under CUDA graph
+    capture the events become edges between two chains that the GPU runs side by side, so the
+    dequantizing overlaps the products, RMSNorm, RoPE and attention of the main chain.
+    """
+
+    def __init__(self, device: torch.device, chunk_mb: float = 8, slots: int = 4) -> None:
+        self.device, self.chunk_mb, self.slots = device, chunk_mb, slots
+        self.side = torch.cuda.Stream(device)
+        self.ready = [torch.cuda.Event() for _ in range(slots)]  # slot holds its chunk
+        self.free = [torch.cuda.Event() for _ in range(slots)]  # slot's product has read it
+        self.buf: torch.Tensor | None = None
+        self.chunks: list[tuple] = []
+        self.issued = self.taken = 0
+
+    def begin(self, plan: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """The (fmt, codes, scales) of the step's products in the order they will be called."""
+        self.chunks = []
+        for fmt, codes, scales in plan:
+            N, K = codes.shape[0], scales.shape[1] * 32
+            rows = _chunk_rows(N, K, self.chunk_mb)
+            self.chunks += [(fmt, codes, scales, n0, min(N, n0 + rows)) for n0 in range(0, N, rows)]
+        need = max((c[4] - c[3]) * c[2].shape[1] * 32 for c in self.chunks)
+        if self.buf is None or self.buf.shape[1] < need:
+            self.buf = torch.empty(self.slots, need, dtype=torch.bfloat16, device=self.device)
+        self.issued = self.taken = 0
+        self.side.wait_stream(torch.cuda.current_stream(self.device))  # (a fork under capture)
+
+    def _issue(self, upto: int) -> None:
+        """Queue the dequantizing of chunks up to ``upto`` on the side stream."""
+        while self.issued <= min(upto, len(self.chunks) - 1):
+            i, slot = self.issued, self.issued % self.slots
+            fmt, codes, scales, n0, n1 = self.chunks[i]
+            K = scales.shape[1] * 32
+            with torch.cuda.stream(self.side):
+                if i >= self.slots:
+                    self.side.wait_event(self.free[slot])
+                dequantize(fmt, codes[n0:n1], scales[n0:n1], self.buf[slot, : (n1 - n0) * K].view(n1 - n0, K))
+                self.ready[slot].record(self.side)
+            self.issued += 1
+
+    def take(self, codes: torch.Tensor):
+        """(n0, n1, W[n0:n1]) for each chunk of the plan's next matrix, whose codes must be
+        ``codes``; each slot is released once the caller's product on it has been queued."""
+        main = torch.cuda.current_stream(self.device)
+        if self.taken >= len(self.chunks) or self.chunks[self.taken][1] is not codes:
+            raise RuntimeError("a prefetched product out of the plan's order")
+        while self.taken < len(self.chunks) and self.chunks[self.taken][1] is codes:
+            i, slot = self.taken, self.taken % self.slots
+            self._issue(i + self.slots - 1)  # as far ahead as the ring allows
+            _, _, scales, n0, n1 = self.chunks[i]
+            K = scales.shape[1] * 32
+            main.wait_event(self.ready[slot])
+            yield n0, n1, self.buf[slot, : (n1 - n0) * K].view(n1 - n0, K)
+            self.free[slot].record(main)
+            self.taken += 1
+
+    def end(self) -> None:
+        """Join the side stream (every chunk must have been taken)."""
+        if self.taken != len(self.chunks):
+            raise RuntimeError(f"{len(self.chunks) - self.taken} prefetched chunks were never used")
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
+        self.chunks = []
 
 
 @triton.jit
