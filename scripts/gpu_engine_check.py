@@ -210,14 +210,6 @@ SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROW
     64: [("mm", 0), ("mm", 16), ("dot", 64, 64, 128, 4), ("dotj", 16, 128, 128, 4, 0, 4),
          ("dotj", 16, 256, 128, 8, 0, 4), ("dotj", 16, 128, 128, 4, 0, 2)],
 }
-# the position-major tile with one 64-row tl.dot (dotr): seventh pass's candidates
-SWEEP_CONFIGS[16] += [("dotr", 16, 64, 256, 4), ("dotr", 16, 128, 256, 4), ("dotr", 16, 32, 512, 4)]
-SWEEP_CONFIGS[32] += [("dotr", 32, 64, 256, 4), ("dotr", 32, 128, 256, 8), ("dotr", 64, 64, 256, 4),
-                      ("dotr", 32, 32, 512, 4)]
-SWEEP_CONFIGS[64] += [("dotr", 64, bn, bk, w, st) for bn, bk, w, st in [
-    (32, 256, 4, 0), (32, 512, 4, 0), (64, 128, 4, 0), (64, 256, 4, 0), (64, 256, 8, 0), (64, 256, 4, 3),
-    (64, 512, 8, 0), (128, 128, 4, 0), (128, 128, 8, 0), (128, 256, 8, 0), (128, 256, 8, 3), (256, 128, 8, 0),
-    (16, 512, 4, 0)]]
 if os.environ.get("SWEEP_ROWS"):
     SWEEP_CONFIGS = {int(m): SWEEP_CONFIGS[int(m)] for m in os.environ["SWEEP_ROWS"].split(",")}
 

@@ -194,7 +194,28 @@ def render_engine_check(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_step_profile(results: list[dict[str, Any]]) -> str:
+    """scripts/gpu/step_profile.py: where a graph-replayed step's time goes, per file and batch."""
+    out = []
+    for data in results:
+        rows = []
+        for r in data["rows"]:
+            kernels = {}
+            for k in r["by_kernel"]:  # torch's elementwise kernels by their family
+                name = k["name"].split("<")[0].removeprefix("void ").split("(")[0]
+                kernels[name] = kernels.get(name, 0.0) + k["us_per_step"]
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:5]
+            rows.append([Path(r["file"]).name, str(r["batch"]), num(r["step_ms_events"] * 1e3, 0),
+                         f"{r['kernels_per_step']:g}", num(r["kernel_busy_us_per_step"], 0), num(r["gaps_us_per_step"], 0),
+                         "; ".join(f"`{n}` {num(us, 0)}" for n, us in top)])
+        out.append(table(["model", "batch", "step us (events)", "kernels", "kernel time us", "gaps us",
+                          "largest kernels, us a step"], rows))
+        out.append("\n" + source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "step-profile": render_step_profile,
     "gpu-engine-check": render_engine_check,
     "decode": render_decode,
     "zerocopy": render_zerocopy,

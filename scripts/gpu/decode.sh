@@ -46,7 +46,7 @@ esac
 case $STAGES in *profile*)
   files=$(for d in ${PROFILE_DTYPES:-bf16 q4_0 q8_0}; do printf %s, /tmp/llama3.2-1b-$d.gguf; done)
   timeout ${PROFILE_TIMEOUT:-180} python3 scripts/gpu/step_profile.py --batch ${PROFILE_BATCH:-1,64} \
-    --prefetch ${PROFILE_PREFETCH:-on} --model "${files%,}" --json "$OUT/step-profile-cuda.json" 2>&1 | tee "$OUT/profile.txt" ;;
+    --model "${files%,}" --json "$OUT/step-profile-cuda.json" 2>&1 | tee "$OUT/profile.txt" ;;
 esac
 case $STAGES in *bench*)
   timeout ${BENCH_TIMEOUT:-240} python3 -m driftwood.cli.main bench decode --device cuda \

@@ -35,13 +35,10 @@ def _kernels(trace: Path) -> list[dict]:
     return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
 
 
-def profile(path: str, batch: int, steps: int, prefetch: bool) -> dict:
+def profile(path: str, batch: int, steps: int) -> dict:
     from driftwood.model import load_model
-    from driftwood.model.cuda.decoder import TritonOps
 
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False)
-    if not prefetch:
-        model.decode_ops = TritonOps(prefetch=None)
     ids = [(i * 7919) % 100000 + 5 for i in range(PROMPT + 16)]
     with torch.inference_mode():
         if batch == 1:
@@ -93,7 +90,7 @@ def profile(path: str, batch: int, steps: int, prefetch: bool) -> dict:
     n = len(per_step)
     names = sorted(by_name, key=lambda k: -sum(by_name[k]))
     return {
-        "file": os.path.basename(path), "batch": batch, "prefetch": prefetch, "steps_profiled": n,
+        "file": os.path.basename(path), "batch": batch, "steps_profiled": n,
         "step_ms_events": round(statistics.median(times), 4),
         "kernels_per_step": statistics.median(counts),
         "kernel_busy_us_per_step": round(statistics.median(busy), 1),
@@ -109,20 +106,15 @@ def main() -> int:
     p.add_argument("--model", required=True, help="GGUF file(s), comma-separated")
     p.add_argument("--batch", default="1,64")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prefetch", choices=("on", "off", "both"), default="on",
-                   help="batches: weights dequantized ahead on a second stream, in line, or both")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     rows = []
     for path in args.model.split(","):
-        for batch, prefetch in itertools.product((int(b) for b in args.batch.split(",")),
-                                                 {"on": (True,), "off": (False,), "both": (True, False)}[args.prefetch]):
-            if batch == 1 and not prefetch and args.prefetch == "both":
-                continue  # one row uses no dequantize-then-cuBLAS product
-            r = profile(path, batch, args.steps, prefetch)  # the model is freed on return
+        for batch in (int(b) for b in args.batch.split(",")):
+            r = profile(path, batch, args.steps)  # the model is freed on return
             torch.cuda.empty_cache()
             rows.append(r)
-            print(f"\n{r['file']} batch {batch} prefetch {prefetch}: step {r['step_ms_events'] * 1e3:.0f} us (events), "
+            print(f"\n{r['file']} batch {batch}: step {r['step_ms_events'] * 1e3:.0f} us (events), "
                   f"{r['kernels_per_step']} kernels, busy {r['kernel_busy_us_per_step']:.0f} us, "
                   f"gaps {r['gaps_us_per_step']:.0f} us", flush=True)
             print(f"{'us/step':>8} {'n/step':>6} {'us each':>8}  kernel")

@@ -42,7 +42,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     wd = randn(N, Kd).bfloat16()
     for cfg in [("gemv", 4, 128, 4), ("gemv", 16, 256, 2), ("gemvT", 4, 4), ("gemvT", 16, 1),
                 ("dot", 16, 16, 128, 4), ("dotg", 16, 16, 128, 4), ("dotj", 16, 16, 128, 4), ("dotj", 16, 32, 256, 4, 3), ("dotg", 16, 32, 64, 4), ("mm", 0),
-                K._DOT16, K._DOT64, K._DOTJ16, ("dotr", 16, 16, 128, 4), ("dotr", 64, 32, 256, 4, 3)]:
+                K._DOT16, K._DOT64, K._DOTJ16]:
         for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
             y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)  # poisoned
             K.gemv(x, fmt, codes, scales, out=y, config=cfg)
@@ -78,8 +78,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     xg2 = randn(M2, 2 * Kd).bfloat16()
     res2 = randn(M2, N).bfloat16()
     h2 = F.silu(xg2[:, :Kd].float()) * xg2[:, Kd:].float()
-    for cfg in [("dotj", 16, 16, 128, 4, 0, 4), ("dotj", 16, 32, 256, 4, 3, 2), ("dotj", 16, 128, 128, 4, 0, 2),
-                ("dotr", 16, 32, 128, 4), ("dotr", 64, 16, 256, 8, 2)]:
+    for cfg in [("dotj", 16, 16, 128, 4, 0, 4), ("dotj", 16, 32, 256, 4, 3, 2), ("dotj", 16, 128, 128, 4, 0, 2)]:
         for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
             y = torch.full((M2, N), float("nan"), dtype=x.dtype, device=device)
             K.gemv(xg2, fmt, codes, scales, residual=res2, glu=True, out=y, config=cfg)
@@ -89,7 +88,6 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     hn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.float()
     for fmt, codes, w, cfg in [(K.Q4_0, c4, w4, ("gemv", 8, 128, 4)), (K.Q8_0, c8, w8, ("gemv", 4, 256, 4)),
                                (K.Q4_0, c4, w4, ("gemvT", 8, 4)), (K.Q8_0, c8, w8, ("gemvT", 4, 4)),
-                               (K.Q4_0, c4, w4, ("dotr", 16, 16, 128, 4)), (K.Q8_0, c8, w8, ("dotr", 64, 32, 256, 4)),
                                (K.DENSE, wd, wd.float(), (1, 4, 128, 4, False))]:
         y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
         K.gemv(x, fmt, codes, scales if fmt != K.DENSE else None, out=y, config=cfg, norm=(wn, 1e-5))
@@ -104,6 +102,8 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
         y = K.gemv(x3, K.Q4_0, BlockLinear.pack_q4_0(q43).to(device), sc3, config=cfg, out_dtype=torch.float32)
         errs[f"q4_0 K={K3} {cfg}"] = rel(y, x3.float() @ w43.t())
     errs["rms_norm"] = rel(K.rms_norm(x, wn, 1e-5), TorchOps().rms_norm(x, wn, 1e-5))
+    xs = randn(M, 2 * 1100).bfloat16()  # a row length that is not a multiple of the block
+    errs["silu_mul"] = rel(K.silu_mul(xs), F.silu(xs[:, :1100].float()) * xs[:, 1100:].float())
     B, H, Hkv, D, cap = 3, 8, 2, 64, 600
     qkv = randn(B, (H + 2 * Hkv) * D).bfloat16()
     pos = torch.tensor([5, 0, 517], device=device)
@@ -116,6 +116,8 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     assert torch.equal(vc, vc2)
     split = K.attention(q1, kc[:B], vc[:B], pos)
     errs["attention"] = rel(split, TorchOps().attention(q1, kc[:B], vc[:B], pos))
+    for cfg in [(16, 1), (128, 8)]:
+        errs[f"attention {cfg}"] = rel(K.attention(q1, kc[:B], vc[:B], pos, config=cfg), split)
     # combined by each head's last split program instead: the same arithmetic, and the counters
     # are left at zero for the next call
     for _ in range(2):

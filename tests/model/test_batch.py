@@ -147,30 +147,3 @@ def test_pdl_graph_matches_the_plain_eager_step(tiny_gguf, dtype):
         batch.cache.v.copy_(saved[1])
         got = GraphDecoder(m.transformer, batch.cache, ops=TritonOps(pdl=True))(tokens, pos)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
-def test_prefetched_weights_match_in_line_dequantizing(tiny_gguf, dtype):
-    """Weights dequantized ahead on a second stream (a ring of chunks): the same bits as each
-    chunk dequantized just before its product, eagerly and replayed in a graph, with a ring
-    that wraps many times within a step (16-row chunks, two slots)."""
-    m = load_model(str(tiny_gguf(dtype, TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
-    rows = 40  # dequantize + cuBLAS for every product
-    batch = m.new_batch(rows, capacity=128)
-    for b in range(rows):
-        batch.prefill(b, PROMPTS[b % 3][: 1 + b % 5])
-    tokens, pos = [1 + b for b in range(rows)], list(batch.positions)
-    saved = batch.cache.k.clone(), batch.cache.v.clone()
-    want = GraphDecoder(m.transformer, batch.cache, graphs=False, ops=TritonOps(prefetch=None))(tokens, pos).clone()
-    for prefetch in [(8, 4), (0.001, 2)]:
-        for graphs in (False, True):
-            ops = TritonOps(prefetch=prefetch)
-            decoder = GraphDecoder(m.transformer, batch.cache, graphs=graphs, ops=ops)
-            for _ in range(3):  # (captured on the first call, then replayed)
-                batch.cache.k.copy_(saved[0])
-                batch.cache.v.copy_(saved[1])
-                torch.testing.assert_close(decoder(tokens, pos), want, rtol=0, atol=0)
-            (ring,) = ops._rings.values()  # the products did go through the ring, all of it used
-            assert not ring.chunks and ring.taken > (4 * ring.slots if prefetch[0] < 1 else 2)

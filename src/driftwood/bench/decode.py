@@ -199,11 +199,9 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, seventh pass: at 17-64 rows the dequantize-then-cuBLAS weights dequantized "
-               "on a second stream ahead of their products (a ring of four 8 MB chunks; in a graph the two chains "
-               "run side by side, the dequantizing under the products, RMSNorm, RoPE and attention): batch 64 "
-               "Q4_0 ~1.9 ms a step (~34k tok/s, ~24x batch 1), Q8_0 ~2.1 ms (~30k, ~26x); batch 32 ~-25%; batch 1 "
-               "unchanged. Sixth pass: the dequantizer 2.2x faster (a group's words in one vector load, "
+    "graphs": ({}, {}, "2026-11-22, seventh pass: silu(gate) * up in one kernel where the down product is "
+               "dequantize + cuBLAS (17-64 rows; 16 fewer kernels and one rounding less a step): batch 64 ~-60 us a "
+               "step (Q4_0 ~25k tok/s, Q8_0 ~23.5k); batch 1 unchanged. Sixth pass: the dequantizer 2.2x faster (a group's words in one vector load, "
                "positions permuted in registers: 2.3-2.8 TB/s) and the 5-64-row configurations chosen from a "
                "sweep timed in CUDA graphs (dequantize + cuBLAS for nearly everything at 17-64 rows): batch 64 "
                "Q4_0 ~2.3 ms a step (~28k tok/s, ~19x batch 1), Q8_0 ~2.5 ms (~26k, ~21x); batch 32 Q4_0 ~2.15 ms "
@@ -234,9 +232,6 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
-    "graphs-inline-dequant": ({}, {"prefetch": None, "batches": True},
-                              "the sixth pass's batches: each chunk dequantized on the step's stream just before "
-                              "its product (no second stream): batch 64 Q4_0 ~24k tok/s, Q8_0 ~23k"),
     "graphs-triton-dense": ({"weights": "dense"}, {"dense": "triton"},
                             "BF16 only: the Triton GEMV on dense weights, within 10% of cuBLAS"),
     "graphs-unfused-norm": ({}, {"fuse_norm": False}, "RMSNorm as its own kernel before the QKV, gate|up "
@@ -313,10 +308,10 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    ops_kw = {k: v for k, v in step_kw.items() if k in ("dense", "fuse_norm", "fuse_rope", "pdl", "fuse_combine",
-                                                           "prefetch")}
-    if ops_kw:
-        model.decode_ops = TritonOps(**ops_kw)
+    if {"dense", "fuse_norm", "fuse_rope", "pdl", "fuse_combine"} & step_kw.keys():
+        model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True),
+                                     step_kw.get("fuse_rope", True), step_kw.get("pdl", False),
+                                     step_kw.get("fuse_combine", False))
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,
@@ -354,9 +349,9 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
         row["decode_ms_per_token_unsynced"] = round(statistics.median(streamed), 4)
         row["prefill_ms"] = {str(m): round(statistics.median(v), 2) for m, v in prefill.items()}
         s.close()
-        if name == "graphs" or step_kw.get("batches") or (name == "torch-eager" and args.decode_tokens):
+        if name == "graphs" or (name == "torch-eager" and args.decode_tokens):
             tps: dict[str, float] = {}
-            for B in batches if name != "torch-eager" else batches[:2]:
+            for B in batches if name == "graphs" else batches[:2]:
                 batch = model.new_batch(B, capacity=PROMPT_TOKENS + 8 + n + 8)
                 for b in range(B):  # different lengths: 24 to 31 prompt tokens
                     batch.prefill(b, ids[b % 8 : b % 8 + PROMPT_TOKENS + b % 8])

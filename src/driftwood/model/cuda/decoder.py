@@ -46,12 +46,6 @@ def bucket(n: int) -> int:
 class TorchOps:
     """The step's operations in plain torch: (M, ·) rows, any device."""
 
-    def begin(self, transformer: Transformer, rows: int) -> None:
-        """Called before a step of ``rows`` rows (after it: :meth:`end`)."""
-
-    def end(self) -> None:
-        pass
-
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
@@ -106,14 +100,10 @@ class TritonOps(TorchOps):
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
     ``fuse_combine``: attention in one kernel, the splits combined by the last split program of
     each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
-    ``prefetch``: (chunk MB, slots) of the :class:`~driftwood.model.cuda.kernels.WeightPrefetch`
-    ring that dequantizes the step's dequantize-then-cuBLAS weights on a second stream ahead of
-    their products (None: each chunk dequantized in line, just before its product).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False, fuse_combine: bool = False,
-                 prefetch: tuple[float, int] | None = (8, 4)) -> None:
+                 pdl: bool = False, fuse_combine: bool = False) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
@@ -122,35 +112,6 @@ class TritonOps(TorchOps):
         self.fuse_rope = fuse_rope
         self.pdl = pdl
         self.fuse_combine = fuse_combine
-        self.prefetch = prefetch
-        self._rings: dict[torch.device, kernels.WeightPrefetch] = {}
-        self._active: kernels.WeightPrefetch | None = None
-
-    def begin(self, transformer: Transformer, rows: int) -> None:
-        """Plan the step's dequantize-then-cuBLAS products (their weights prefetched)."""
-        k = self.k
-        self._active = None
-        if self.prefetch is None or rows > k.MAX_ROWS:
-            return
-        order = [m for layer in transformer.layers
-                 for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)] + [transformer.output]
-        plan = []
-        for m in order:
-            if isinstance(m, BlockLinear):
-                fmt = k.Q4_0 if m.fmt == "q4_0" else k.Q8_0
-                if k.pick_config(fmt, rows, m.codes.shape[0], m.scales.shape[1] * 32)[0] == "mm":
-                    plan.append((fmt, m.codes, m.scales))
-        device = plan[0][1].device if plan else None
-        if device is not None and device.type == "cuda":  # (the interpreter's CPU tensors: in line)
-            if device not in self._rings:
-                self._rings[device] = k.WeightPrefetch(device, *self.prefetch)
-            self._active = self._rings[device]
-            self._active.begin(plan)
-
-    def end(self) -> None:
-        if self._active is not None:
-            ring, self._active = self._active, None
-            ring.end()
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -168,7 +129,7 @@ class TritonOps(TorchOps):
         args = self._gemv_args(x, layer)
         if args is not None:
             return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
-                               pdl=self.pdl, prefetch=self._active)
+                               pdl=self.pdl)
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
 
     def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):
@@ -208,7 +169,6 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, ops = self.t, self.ops
         B = tokens.shape[0]
-        ops.begin(t, B)
         x = t.embed(tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
             q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
@@ -217,9 +177,7 @@ class DecodeStep:
             x = ops.linear(a, layer.attn.wo, residual=x)
             gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
             x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
-        logits = ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
-        ops.end()
-        return logits
+        return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
 
 
 def default_ops(device: torch.device, dense: str = "cublas") -> TorchOps:

@@ -9,7 +9,8 @@
   and for more ``_qgemm_kernel`` (each code position of a tile dequantized into its own
   ``tl.dot``), ``_qgemm_j_kernel`` (the positions joined into one tile, one ``tl.dot``) or
   dequantize-then-cuBLAS, per matrix shape (:data:`CONFIGS`).
-- :func:`rms_norm`: one row per program.
+- :func:`rms_norm`: one row per program; :func:`silu_mul`: ``silu(gate) * up`` where the down
+  product is dequantize-then-cuBLAS (which cannot apply it while loading).
 - :func:`rope_store`: RoPE on each row's queries and keys at its own position, the keys and
   values written into the KV cache at that position, the rotated queries returned.
 - :func:`attention`: one query per sequence over its first ``pos + 1`` cached keys
@@ -368,76 +369,6 @@ def _qgemm_j_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N,
 
 
 @triton.jit
-def _position_major_columns(FMT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x's column for each row of :func:`_position_major_tile` (k' = position * words + word):
-    runs of a group's words are contiguous columns (4 for Q4_0, 8 for Q8_0)."""
-    NS: tl.constexpr = 8 if FMT == 2 else 4
-    WG: tl.constexpr = 32 // NS
-    BW: tl.constexpr = BLOCK_K // NS
-    kk = tl.arange(0, BLOCK_K)
-    word, p = kk % BW, kk // BW
-    return (word // WG) * 32 + p * WG + word % WG
-
-
-@triton.jit
-def _position_major_tile(w_ptr, s_ptr, rows, k0, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr,
-                         dt: tl.constexpr):
-    """The (BLOCK_K, len(rows)) transposed tile of a Q4_0 / Q8_0 matrix at k-block k0,
-    dequantized to dt: the (words, rows) tile of codes shifted by each position into a new
-    leading dimension and flattened (k' = position * words + word; :func:`_position_major_columns`
-    gives the matching columns of x)."""
-    NS: tl.constexpr = 8 if FMT == 2 else 4
-    WG: tl.constexpr = 32 // NS
-    BW: tl.constexpr = BLOCK_K // NS
-    BITS: tl.constexpr = 32 // NS
-    ri = tl.arange(0, BW)
-    w = tl.load(w_ptr + rows[None, :] * (K // NS) + (k0 // NS + ri)[:, None])  # (BW, BN)
-    s = tl.load(s_ptr + rows[None, :] * (K // 32) + (k0 // 32 + ri // WG)[:, None]).to(tl.float32)
-    sh = tl.arange(0, NS) * BITS
-    c = (w[None, :, :] >> sh[:, None, None]) & ((1 << BITS) - 1)  # (NS, BW, BN), unsigned codes
-    if FMT == 2:
-        q = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + code - (2^23 + 8)
-    else:
-        q = ((c ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # the signed byte
-    return tl.reshape((q * s[None, :, :]).to(dt), (BLOCK_K, rows.shape[0]))
-
-
-@triton.jit
-def _qgemm_r_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm, stride_rm, stride_om,
-                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr):
-    """BLOCK_M rows of x (up to 64: one warpgroup MMA) against BLOCK_N rows of a Q4_0 / Q8_0
-    matrix: each k-block's weights dequantized once into a (BLOCK_K, BLOCK_N) tile in
-    position-major order (:func:`_position_major_tile`), x's columns gathered in that order, one
-    tl.dot. NORM: x put through RMSNorm first (each program sums its rows' squares); GLU:
-    silu(gate) * up; the residual added in the epilogue."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rnl = tl.where(mask_n, rn, 0)
-    col = _position_major_columns(FMT, BLOCK_K)
-    dt = x_ptr.dtype.element_ty
-    if NORM:
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            v = _load_x(x_ptr, rm, mask_m, k0 + tl.arange(0, BLOCK_K), stride_xm, K, False)
-            ss += tl.sum(v * v, axis=1)
-        r = tl.rsqrt(ss / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        wt = _position_major_tile(w_ptr, s_ptr, rnl, k0, K, FMT, BLOCK_K, dt)
-        x = _load_x(x_ptr, rm, mask_m, k0 + col, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
-        if NORM:  # as rms_norm rounds: normalized, to the dtype, scaled, to the dtype
-            nw = tl.load(nw_ptr + k0 + col).to(tl.float32)
-            x = (nw[None, :] * (x * r[:, None]).to(dt).to(tl.float32)).to(dt)
-        acc += _dot(x, wt, F32)
-    _store_rows(acc, rm, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
-
-
-@triton.jit
 def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K: tl.constexpr, stride_xm,
                     stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
@@ -626,7 +557,7 @@ def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
 def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
     """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
     cfg = config or pick_config(fmt, m, n, k)
-    return cfg[0] in ("gemv", "gemvT", "dotr") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
+    return cfg[0] in ("gemv", "gemvT") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
@@ -643,7 +574,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
          residual: torch.Tensor | None = None, glu: bool = False, out: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: tuple | None = None,
          norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
-         pdl: bool = False, prefetch: WeightPrefetch | None = None) -> torch.Tensor:
+         pdl: bool = False) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``) -> (M, N) = x' @ W.T (+ residual (M, N)).
 
     ``out`` may be ``residual`` itself (each element is read, then written, by one program).
@@ -651,8 +582,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     ``rope`` (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim): W is the QKV
     matrix and the product goes where :func:`rope_store` puts it (only where :func:`fuses_rope`);
     returns the rotated queries (M, H, D). ``pdl``: programmatic dependent launch (gemvT and the
-    dense one-row kernel). ``prefetch``: where the configuration is dequantize-then-cuBLAS, the
-    dequantized chunks come from this :class:`WeightPrefetch` (W must be its plan's next matrix).
+    dense one-row kernel).
     """
     M = x.shape[0]
     N = codes.shape[0]
@@ -661,7 +591,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     cfg = config or pick_config(fmt, M, N, K)
     if cfg[0] == "mm":
         assert norm is None and rope is None and fmt != DENSE
-        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1], prefetch)
+        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, cfg[1])
     if rope is not None:
         pos, inv_freq, kc, vc, H, HKV, D = rope
         assert fuses_rope(fmt, M, N, K, cfg, D) and N == (H + 2 * HKV) * D and residual is None
@@ -705,14 +635,6 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
             x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
             *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
             **rope_kw, **_launch(pdl))
-    elif kind == "dotr":
-        _, bm, bn, bk, warps, *rest = cfg
-        bk = min(bk, K)
-        assert K % bk == 0, (K, bk)
-        _qgemm_r_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            x, codes, scales, res, out, nw, eps, M, N, K, x.stride(0), res.stride(0), out.stride(0), FMT=fmt,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps,
-            **({"num_stages": rest[0]} if rest and rest[0] else {}), **common)
     else:
         _, bm, bn, bk, warps, *rest = cfg  # dotj: optionally num_stages, then SUB
         stages, sub = (rest + [0, 1][len(rest):])[:2]
@@ -788,21 +710,22 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb, prefetch=None):
+def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb):
     """x' @ W.T (+ residual) with W dequantized to bfloat16 in chunks of rows (``chunk_mb`` MB
     each, 0: the whole matrix) into a reused scratch buffer, each chunk then through cuBLAS;
-    chunks small enough stay in L2 between the two. ``prefetch``: the chunks come dequantized
-    ahead of time from a :class:`WeightPrefetch` instead (this matrix must be its next)."""
+    chunks small enough stay in L2 between the two."""
     K = scales.shape[1] * 32
     N = codes.shape[0]
     M = x.shape[0]
     if glu:
-        g, u = x[:, :K], x[:, K:]
-        x = torch.nn.functional.silu(g) * u
+        x = silu_mul(x)
+    rows = N if chunk_mb == 0 else max(16, min(N, int(chunk_mb * (1 << 20)) // (2 * K)))
+    buf = _scratch(rows * K, x.device)
     direct = out is None or out.dtype == x.dtype
     y = out if direct and out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    chunks = prefetch.take(codes) if prefetch is not None else _inline_chunks(fmt, codes, scales, chunk_mb)
-    for n0, n1, w in chunks:
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = dequantize(fmt, codes[n0:n1], scales[n0:n1], buf[: (n1 - n0) * K].view(n1 - n0, K))
         if residual is not None:
             if residual.data_ptr() != y.data_ptr():
                 y[:, n0:n1].copy_(residual[:, n0:n1])
@@ -816,91 +739,24 @@ def _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, chunk_mb, 
     return out
 
 
-def _chunk_rows(N: int, K: int, chunk_mb: float) -> int:
-    """Rows of an (N, K) matrix in one bfloat16 chunk of ``chunk_mb`` MB (0: all)."""
-    return N if chunk_mb == 0 else max(16, min(N, int(chunk_mb * (1 << 20)) // (2 * K)))
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < K
+    g = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * K + k, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _inline_chunks(fmt, codes, scales, chunk_mb):
-    """(n0, n1, W[n0:n1] in bfloat16) chunk by chunk, each dequantized on the current stream
-    into the shared scratch buffer when asked for."""
-    N, K = codes.shape[0], scales.shape[1] * 32
-    rows = _chunk_rows(N, K, chunk_mb)
-    buf = _scratch(rows * K, codes.device)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        yield n0, n1, dequantize(fmt, codes[n0:n1], scales[n0:n1], buf[: (n1 - n0) * K].view(n1 - n0, K))
-
-
-class WeightPrefetch:
-    """A step's dequantize-then-cuBLAS products with the dequantizing on a second stream, ahead.
-
-    The weights do not depend on the activations, so every chunk of every matrix the step will
-    multiply (``begin``: the plan, in call order) can be dequantized before its product is
-    reached: a ring of ``slots`` bfloat16 chunks of ``chunk_mb`` MB (small enough to stay in
-    L2), chunk i into slot i % slots once the product of chunk i - slots has read it. The
-    products (``take``, on the current stream) wait for their chunk's event; under CUDA graph
-    capture the events become edges between two chains that the GPU runs side by side, so the
-    dequantizing overlaps the products, RMSNorm, RoPE and attention of the main chain.
-    """
-
-    def __init__(self, device: torch.device, chunk_mb: float = 8, slots: int = 4) -> None:
-        self.device, self.chunk_mb, self.slots = device, chunk_mb, slots
-        self.side = torch.cuda.Stream(device)
-        self.ready = [torch.cuda.Event() for _ in range(slots)]  # slot holds its chunk
-        self.free = [torch.cuda.Event() for _ in range(slots)]  # slot's product has read it
-        self.buf: torch.Tensor | None = None
-        self.chunks: list[tuple] = []
-        self.issued = self.taken = 0
-
-    def begin(self, plan: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """The (fmt, codes, scales) of the step's products in the order they will be called."""
-        self.chunks = []
-        for fmt, codes, scales in plan:
-            N, K = codes.shape[0], scales.shape[1] * 32
-            rows = _chunk_rows(N, K, self.chunk_mb)
-            self.chunks += [(fmt, codes, scales, n0, min(N, n0 + rows)) for n0 in range(0, N, rows)]
-        need = max((c[4] - c[3]) * c[2].shape[1] * 32 for c in self.chunks)
-        if self.buf is None or self.buf.shape[1] < need:
-            self.buf = torch.empty(self.slots, need, dtype=torch.bfloat16, device=self.device)
-        self.issued = self.taken = 0
-        self.side.wait_stream(torch.cuda.current_stream(self.device))  # (a fork under capture)
-
-    def _issue(self, upto: int) -> None:
-        """Queue the dequantizing of chunks up to ``upto`` on the side stream."""
-        while self.issued <= min(upto, len(self.chunks) - 1):
-            i, slot = self.issued, self.issued % self.slots
-            fmt, codes, scales, n0, n1 = self.chunks[i]
-            K = scales.shape[1] * 32
-            with torch.cuda.stream(self.side):
-                if i >= self.slots:
-                    self.side.wait_event(self.free[slot])
-                dequantize(fmt, codes[n0:n1], scales[n0:n1], self.buf[slot, : (n1 - n0) * K].view(n1 - n0, K))
-                self.ready[slot].record(self.side)
-            self.issued += 1
-
-    def take(self, codes: torch.Tensor):
-        """(n0, n1, W[n0:n1]) for each chunk of the plan's next matrix, whose codes must be
-        ``codes``; each slot is released once the caller's product on it has been queued."""
-        main = torch.cuda.current_stream(self.device)
-        if self.taken >= len(self.chunks) or self.chunks[self.taken][1] is not codes:
-            raise RuntimeError("a prefetched product out of the plan's order")
-        while self.taken < len(self.chunks) and self.chunks[self.taken][1] is codes:
-            i, slot = self.taken, self.taken % self.slots
-            self._issue(i + self.slots - 1)  # as far ahead as the ring allows
-            _, _, scales, n0, n1 = self.chunks[i]
-            K = scales.shape[1] * 32
-            main.wait_event(self.ready[slot])
-            yield n0, n1, self.buf[slot, : (n1 - n0) * K].view(n1 - n0, K)
-            self.free[slot].record(main)
-            self.taken += 1
-
-    def end(self) -> None:
-        """Join the side stream (every chunk must have been taken)."""
-        if self.taken != len(self.chunks):
-            raise RuntimeError(f"{len(self.chunks) - self.taken} prefetched chunks were never used")
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
-        self.chunks = []
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """gate|up (M, 2K) -> silu(gate) * up (M, K) in one kernel, computed in float32 as the
+    products' GLU loaders compute it (torch's ``silu(g) * u`` takes two kernels and rounds twice)."""
+    M, K = x.shape[0], x.shape[1] // 2
+    assert x.stride(1) == 1
+    out = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    _silu_mul_kernel[(M, triton.cdiv(K, 1024))](x, out, K, x.stride(0), BLOCK=1024, num_warps=4)
+    return out
 
 
 @triton.jit
@@ -1062,16 +918,26 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return _COUNTERS[key]
 
 
+# the split kernel's (keys a block, num_warps) for up to 16 rows and for more, from
+# scripts/gpu/attention_sweep.py on the H100 (2026-11-22, 16 layers in a graph): at 64 rows
+# (16, 1) takes 7.5 us a layer against 7.9 at 40 positions and 66 against 83 at 1,000; at one row
+# (64, 4) is within 0.7 us of the best at 30 positions and the best at 1,000 and 4,100
+ATTENTION_FEW, ATTENTION_MANY = (64, 4), (16, 1)
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-              out: torch.Tensor | None = None, pdl: bool = False, combine: bool = False) -> torch.Tensor:
+              out: torch.Tensor | None = None, pdl: bool = False, combine: bool = False,
+              config: tuple[int, int] | None = None) -> torch.Tensor:
     """q (B, H, D) at positions pos (B,) over ``k_cache[b, :, :pos[b] + 1]`` (one layer,
     (Bc, Hkv, cap, D)) -> (B, H * D). ``combine``: the splits combined by the last split
     program of each KV head (one kernel) instead of by a second kernel; off by default, as it
-    measured slower on the H100 (docs/gpu.md, fourth pass)."""
+    measured slower on the H100 (docs/gpu.md, fourth pass). ``config``: (keys a block, num_warps),
+    by default :data:`ATTENTION_FEW` up to 16 rows, else :data:`ATTENTION_MANY`."""
     B, H, D = q.shape
     Hkv, cap = k_cache.shape[1], k_cache.shape[2]
     rep = H // Hkv
     nsplit, split = attention_splits(cap)
+    block_t, warps = config or (ATTENTION_FEW if B <= 16 else ATTENTION_MANY)
     o = torch.empty(B * H * nsplit, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B * H * nsplit, 2, dtype=torch.float32, device=q.device)
     if out is None:
@@ -1080,7 +946,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     _attn_split_kernel[(B, Hkv, nsplit)](
         q, k_cache, v_cache, pos, o, ml, cnt, out, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D**-0.5, H=H, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=split,
-        NSPLIT=nsplit, BLOCK_T=64, F32=INTERPRET, num_warps=4, PDL=pdl and PDL_SUPPORTED, COMBINE=combine,
+        NSPLIT=nsplit, BLOCK_T=block_t, F32=INTERPRET, num_warps=warps, PDL=pdl and PDL_SUPPORTED, COMBINE=combine,
         **_launch(pdl))
     if not combine:
         _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1, PDL=pdl and PDL_SUPPORTED,
