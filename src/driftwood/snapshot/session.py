@@ -443,8 +443,7 @@ class _ChunkLoader:
             where = self._where(chunk)
             self._check_read(where, got.error)
             self._check_header(where, got.header, header)
-            if got.digest != chunk.obj.xxh3:
-                raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+            self._check_digest(chunk, got.digest)
             self._check_ids(chunk, got.ids)
 
     def _stage_native(self, chunks: Sequence[Chunk], parents: Sequence[str], readers: list[Reader],
@@ -473,8 +472,7 @@ class _ChunkLoader:
             for i, (o, n), (digest, error) in zip(group, spans, got, strict=True):
                 chunk, where = chunks[i], self._where(chunks[i])
                 self._check_read(where, error)
-                if digest != chunk.obj.xxh3:
-                    raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+                self._check_digest(chunk, digest)
                 expected = header(chunk, parents[i])
                 h, payload = len(expected), chunk.count * self.rec.kv.token_bytes
                 self._check_header(where, bytes(buf[o : o + h].numpy()), expected)
@@ -527,6 +525,12 @@ class _ChunkLoader:
         if error:
             raise SnapshotError(f"{where}: the file ended early (truncated?)" if error < 0
                                 else f"{where}: {os.strerror(error)}")
+
+    def _check_digest(self, chunk: Chunk, xxh3: str, sha256: str | None = None) -> None:
+        """The file's digests against the manifest's (sha256 only when signed: the native
+        readers, which hash xxh3 alone, serve unsigned restores only)."""
+        if xxh3 != chunk.obj.xxh3 or (self.signed and sha256 != chunk.obj.sha256):
+            raise SnapshotError(f"{self._where(chunk)}: checksum mismatch: corrupted or altered")
 
     @staticmethod
     def _check_header(where: str, got: bytes, header: bytes) -> None:
@@ -586,8 +590,7 @@ class _ChunkLoader:
             if digest is not None:
                 digest.update(ids)
                 got = digest.ref(chunk.obj.key)
-                if got.xxh3 != chunk.obj.xxh3 or (self.signed and got.sha256 != chunk.obj.sha256):
-                    raise SnapshotError(f"{where}: checksum mismatch: corrupted or altered")
+                self._check_digest(chunk, got.xxh3, got.sha256)
         self._check_ids(chunk, np.frombuffer(ids, dtype="<i4"))
 
     def _staging(self, size: int) -> torch.Tensor:

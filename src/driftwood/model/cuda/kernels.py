@@ -115,13 +115,19 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _silu_gate(g, u):
+    """silu(g) * u in float32: every GLU of the step (the products' loaders, :func:`silu_mul`)."""
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
 def _load_x(x_ptr, rm, mask_m, k, stride_xm, K, GLU: tl.constexpr):
     """x[rm, k] as float32 (BLOCK_M, len(k)); with GLU, silu(x[:, k]) * x[:, K + k]."""
     ptr = x_ptr + rm[:, None] * stride_xm + k[None, :]
     g = tl.load(ptr, mask=mask_m[:, None], other=0.0).to(tl.float32)
     if GLU:
         u = tl.load(ptr + K, mask=mask_m[:, None], other=0.0).to(tl.float32)
-        g = g * tl.sigmoid(g) * u
+        g = _silu_gate(g, u)
     return g
 
 
@@ -132,7 +138,7 @@ def _load_x1(x_ptr, k, K, GLU: tl.constexpr, NORM: tl.constexpr, nw_ptr, r, mask
     g = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
     if GLU:
         u = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
-        g = g * tl.sigmoid(g) * u
+        g = _silu_gate(g, u)
     if NORM:
         dt = x_ptr.dtype.element_ty
         nw = tl.load(nw_ptr + k, mask=mask, other=0.0).to(tl.float32)
@@ -746,7 +752,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, K, stride_xm, BLOCK: tl.constexpr):
     mask = k < K
     g = tl.load(x_ptr + row * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * K + k, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * K + k, _silu_gate(g, u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
