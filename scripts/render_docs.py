@@ -214,7 +214,42 @@ def render_step_profile(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_int8_sweep(results: list[dict[str, Any]]) -> str:
+    """scripts/gpu/int8_sweep.py: per format and row count, each product's kernel as decode picks it
+    (µs in a CUDA graph) beside dequantize + cuBLAS, and the step's products (16 layers + the head)."""
+    out = []
+    shapes = ["qkv", "o", "gate_up", "down", "head"]
+    for data in results:
+        rows = []
+        fmt_name = {2: "Q4_0", 1: "Q8_0"}
+        for t in data.get("totals", []):
+            cells = []
+            for shape in shapes:
+                here = [r for r in data["sweep"] if r["shape"] == shape and r["fmt"] == t["fmt"] and r["M"] == t["M"]
+                        and "us" in r]
+                now = here[0] if here else None  # the sweep times the configuration decode picks first
+                mm = next((r for r in here if r["config"] == ["mm", 0]), None)
+                cell = f"{now['config'][0]} {num(now['us'], 1)}" if now else "–"
+                if now and mm and now is not mm:
+                    cell += f" (mm {num(mm['us'], 1)})"
+                cells.append(cell)
+            rows.append([fmt_name[t["fmt"]], str(t["M"]), *cells, num(t["now_us"], 0)])
+        out.append(table(["format", "rows", *shapes, "products a step, us"], rows))
+        errs = {}
+        for e in data.get("errors", []):
+            if e["config"][0] in ("dp4a", "i8"):
+                key = fmt_name[e["fmt"]]
+                errs[key] = max(errs.get(key, 0.0), e["rel_err"])
+        if errs:
+            out.append("\nLargest error of an int8-activation product against float32 on the dequantized weights "
+                       "(‖err‖ / ‖ref‖, gate_up with RMSNorm, down with SiLU · up and the residual): "
+                       + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + ".")
+        out.append("\n" + source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "int8-sweep": render_int8_sweep,
     "step-profile": render_step_profile,
     "gpu-engine-check": render_engine_check,
     "decode": render_decode,

@@ -10,6 +10,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the int8 kernels see it: each 32-column group rounded to multiples of
+    max|group| / 127 (to nearest even), returned in float64."""
+    g = x.float().reshape(x.shape[0], -1, 32)
+    a = g.abs().amax(-1, keepdim=True)
+    q = torch.round(g * torch.where(a > 0, 127 / a, 0))  # float32 throughout, as the kernels compute it
+    return (q.double() * (a / 127).double()).reshape(x.shape)
+
+
 def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dict[str, float]:
     """Fresh random inputs each call (``seed``: KERNEL_CHECK_SEED, else random; printed)."""
     import itertools
@@ -72,6 +81,30 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
         y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
         K.gemv(x, fmt, codes, scales, out=y, config=("mm", 0.01))
         errs[f"fmt {fmt} mm float32 out"] = rel(y, x.float() @ w.t())
+    # int8 activations (dp4a for one row a program, int8 dots for blocks of rows, split along K
+    # (3 splits of 8 groups: one shorter) or not): against float64 on the int8-rounded activations
+    # (what is left is the output's rounding, ~1e-7 in float32, and a code off by one where a
+    # rounding tie falls the other way, ~1e-4), and against float32 (the rounding of the
+    # activations, ~0.5-1%: "int8" entries get twice the tolerance)
+    for cfg in [("dp4a", 4, 4), ("dp4a", 2, 8), ("i8", 16, 16, 4, 0), ("i8", 16, 32, 4, 3, 3),
+                ("i8", 64, 32, 4, 3, 4)]:
+        M8 = 3 if cfg[0] == "dp4a" else 20  # the int8 dots: a 16-row block and a masked one
+        x8, xg8, res8 = randn(M8, Kd).bfloat16(), randn(M8, 2 * Kd).bfloat16(), randn(M8, N).bfloat16()
+        h8 = F.silu(xg8[:, :Kd].float()) * xg8[:, Kd:].float()  # quantized from float32 (not rounded first)
+        wn8 = randn(Kd).bfloat16()
+        hn8 = TorchOps().rms_norm(x8, wn8, 1e-5).float()
+        for name, fmt, codes, w in [("q4_0", K.Q4_0, c4, w4), ("q8_0", K.Q8_0, c8, w8)]:
+            y = torch.full((M8, N), float("nan"), dtype=torch.float32, device=device)
+            K.gemv(x8, fmt, codes, scales, out=y, config=cfg)
+            errs[f"{name} {cfg} on int8-rounded x"] = rel(y, int8_activations(x8) @ w.double().t())
+            errs[f"int8 {name} {cfg}"] = rel(y, x8.float() @ w.t())
+            r = res8.clone()
+            K.gemv(xg8, fmt, codes, scales, residual=r, out=r, glu=True, config=cfg)
+            errs[f"{name} {cfg} glu residual on int8-rounded x"] = rel(r, res8.double() + int8_activations(h8) @ w.double().t())
+            # RMSNorm inside rounds to bfloat16 before quantizing (which the interpreter does not
+            # round to nearest, so against the rounded reference this is not exact there)
+            y = K.gemv(x8, fmt, codes, scales, norm=(wn8, 1e-5), config=cfg, out_dtype=torch.float32)
+            errs[f"int8 {name} {cfg} rms_norm"] = rel(y, int8_activations(hn8) @ w.double().t())
     # rows past one 16-row dot: the sub-blocks sharing one dequantized tile (SUB 2 and 4, the last
     # one partly masked), with SiLU-gating and a residual
     M2 = 53
@@ -134,6 +167,8 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     for name, fmt, codes, sc, w, cfg in [
             ("q4_0", K.Q4_0, BlockLinear.pack_q4_0(q4q).to(device), sq,
              ((q4q.float().to(device) - 8) * sq[..., None].float()).view(Nq, Kq), ("gemvT", 8, 4)),
+            ("q4_0 dp4a", K.Q4_0, BlockLinear.pack_q4_0(q4q).to(device), sq,
+             ((q4q.float().to(device) - 8) * sq[..., None].float()).view(Nq, Kq), ("dp4a", 16, 4)),
             ("q8_0", K.Q8_0, BlockLinear.pack_q8_0(q8q).to(device), sq,
              (q8q.float().to(device) * sq[..., None].float()).view(Nq, Kq), ("gemvT", 4, 4)),
             ("dense", K.DENSE, wdq, None, wdq.float(), (1, 4, 128, 4, False))]:
@@ -155,7 +190,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     # the fused QKV + RoPE kernel equals the unfused kernels bit for bit (asserted above); against
     # float32 its error is that of the bfloat16 RMSNorm (~1%, as "rms_norm" above) carried through
     # the product, so it gets twice the tolerance
-    bad = {k: v for k, v in errs.items() if not v < (2 * tol if k.startswith("qkv rope fused") else tol)}
+    bad = {k: v for k, v in errs.items() if not v < (2 * tol if k.startswith(("qkv rope fused", "int8")) else tol)}
     assert not bad, bad
     return errs
 

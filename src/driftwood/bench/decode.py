@@ -199,7 +199,11 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, seventh pass: silu(gate) * up in one kernel where the down product is "
+    "graphs": ({}, {}, "2026-11-22, eighth pass: int8 activations (per 32-column group, as llama.cpp's Q8_1): at "
+               "5-64 rows the wide products and the head (and Q8_0's down) as int8 tensor-core dots on the stored codes, "
+               "at batch 1 Q4_0's qkv, o and gate_up through dp4a (scripts/gpu/int8_sweep.py): batch 64 Q8_0 ~2.15 ms a "
+               "step (~30k tok/s, ~23x batch 1), Q4_0 ~2.4 ms (~26.5k, ~17.5x); batch 32 Q4_0 ~16.8k, Q8_0 ~17.3k; "
+               "batch 8 Q4_0 ~4.9k, Q8_0 ~5.0k; batch 1 Q4_0 ~-30 us (~0.68 ms), Q8_0 and BF16 unchanged. Measured (first run): batch 64 Q8_0 34.2k tok/s (26.3x), Q4_0 29.4k (19.3x); batch 32 17.6k / 17.0k; batch 8 5.1k / 4.8k; batch 1 Q4_0 0.692 ms. Then (final run) Q4_0's codes made signed before the int8 dots (the offset term gone from the epilogue; faster at 8-32 rows, equal at 64 in the sweeps), and BF16 batches with SiLU · up in one kernel and the residual added in cuBLAS's epilogue (addmm): batch 32 Q4_0 ~18k tok/s, batch 8 ~4.9k; BF16 batch 64 ~-140 us a step (~42k tok/s); the rest unchanged. Measured (second run): batch 64 Q4_0 30.0k (19.6x), Q8_0 34.8k (26.8x), BF16 40.8k; batch 32 Q4_0 18.0k; batch 8 4.9k. Then gate_up at 64 rows in two splits (the sweep: Q4_0 -2.6 us a layer, Q8_0 -1.0): Q4_0 batch 64 ~30.7k tok/s (~20x), Q8_0 ~35k. Seventh pass: silu(gate) * up in one kernel where the down product is "
                "dequantize + cuBLAS (17-64 rows; 16 fewer kernels and one rounding less a step): batch 64 ~-60 us a "
                "step (Q4_0 ~25k tok/s, Q8_0 ~23.5k); batch 1 unchanged. Sixth pass: the dequantizer 2.2x faster (a group's words in one vector load, "
                "positions permuted in registers: 2.3-2.8 TB/s) and the 5-64-row configurations chosen from a "

@@ -130,6 +130,10 @@ class TritonOps(TorchOps):
         if args is not None:
             return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
                                pdl=self.pdl)
+        if glu:  # SiLU · up in one kernel rounding once (torch takes two)
+            x, glu = self.k.silu_mul(x), False
+        if isinstance(layer, DenseLinear) and residual is not None and out_dtype is None:
+            return torch.addmm(residual, x, layer.weight.t())  # the residual added in cuBLAS's epilogue
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
 
     def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):

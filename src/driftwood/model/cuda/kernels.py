@@ -422,6 +422,245 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
         tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+# --- int8 activations: dp4a for one row, tensor-core int8 dots for more ---
+#
+# x is quantized per 32-column group to int8 (scale d = max|x| / 127, round to nearest) and the
+# group's products summed in int32 against the weights' codes; the group's float sum is then
+# d_w * d * isum (Q8_0) or d_w * d * (isum - 8 * sum(q)) (Q4_0, whose nibbles are unsigned). The
+# same arithmetic as llama.cpp's Q8_1 activations (its MMVQ and MMQ kernels).
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the sum of the products of the four bytes of a (signed or not) and b (signed)."""
+    if EMULATE:  # Triton's CPU interpreter has no inline assembly
+        for i in tl.static_range(4):
+            bi = (b << (24 - 8 * i)) >> 24
+            ai = ((a << (24 - 8 * i)) >> 24) if SIGNED_A else ((a >> (8 * i)) & 0xFF)
+            c += ai * bi
+        return c
+    if SIGNED_A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _quantize_groups(v, DIMS: tl.constexpr):
+    """(groups, 32) or (groups, positions, words) float32 -> (int32 codes in -127..127, the group
+    scales (groups,)): each group by its largest magnitude, rounded to nearest even (the
+    1.5 * 2^23 addend, no float-to-int conversion)."""
+    if DIMS == 3:
+        a = tl.max(tl.max(tl.abs(v), axis=2), axis=1)
+        t = v * tl.where(a > 0, 127.0 / a, 0.0)[:, None, None]
+    else:
+        a = tl.max(tl.abs(v), axis=1)
+        t = v * tl.where(a > 0, 127.0 / a, 0.0)[:, None]
+    q = (t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return q, a / 127.0
+
+
+@triton.jit
+def _qgemv_i8_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, N, K: tl.constexpr, stride_xm,
+                     stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, ROPE: tl.constexpr, H: tl.constexpr,
+                     HKV: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
+    """One row of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix, the whole row in one block as
+    in _qgemv_t_kernel, with x quantized to int8 per group inside the program and each word's
+    codes multiplied by four activations at a time (dp4a): per 32 weights of a row ~20 integer
+    instructions (Q4_0) where _qgemv_t_kernel needs ~130."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
+    WG: tl.constexpr = 32 // NS  # words per group
+    KG: tl.constexpr = K // 32
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    rn = tl.where(mask_n, rn, 0)
+    gi = tl.arange(0, BLOCK_G)
+    ji = tl.arange(0, WG)
+    pi = tl.arange(0, NS)
+    mask_g = gi < KG
+    word = gi[:, None] * WG + ji[None, :]  # (BLOCK_G, WG)
+    w = tl.load(w_ptr + rn[None, None, :] * (K // NS) + word[:, :, None], mask=mask_g[:, None, None], other=0)
+    s = tl.load(s_ptr + rn[None, :] * KG + gi[:, None], mask=mask_g[:, None], other=0.0).to(tl.float32)
+    xrow = x_ptr + m * stride_xm
+    r = _inv_rms(xrow, K, eps, BLOCK_G * 32) if NORM else 1.0
+    # the row by (group, code position, word): column 32 g + p WG + j, as the words hold them
+    col = gi[:, None, None] * 32 + pi[None, :, None] * WG + ji[None, None, :]
+    xq, d = _quantize_groups(_load_x1(xrow, col, K, GLU, NORM, nw_ptr, r, mask_g[:, None, None]), 3)
+    if FMT == 2:  # nibbles 2b and 2b + 1 of a word are byte b's low and high halves
+        lo = (pi % 2 == 0)[None, :, None]
+        qb = (xq & 0xFF) << ((pi // 2) * 8)[None, :, None]
+        xa = tl.reduce(tl.where(lo, qb, 0), 1, _bit_or)  # (BLOCK_G, WG): x of the low nibbles
+        xb = tl.reduce(tl.where(lo, 0, qb), 1, _bit_or)
+        acc = _dp4a(w & 0x0F0F0F0F, tl.broadcast_to(xa[:, :, None], w.shape), tl.zeros_like(w), False, EMULATE)
+        acc = _dp4a((w >> 4) & 0x0F0F0F0F, tl.broadcast_to(xb[:, :, None], w.shape), acc, False, EMULATE)
+        isum = tl.sum(acc, axis=1) - (8 * tl.sum(tl.sum(xq, axis=2), axis=1))[:, None]  # (BLOCK_G, BLOCK_N)
+    else:
+        xa = tl.reduce((xq & 0xFF) << (pi * 8)[None, :, None], 1, _bit_or)
+        acc = _dp4a(w, tl.broadcast_to(xa[:, :, None], w.shape), tl.zeros_like(w), True, EMULATE)
+        isum = tl.sum(acc, axis=1)
+    y = tl.sum(isum.to(tl.float32) * (s * d[:, None]), axis=0)  # (BLOCK_N,)
+    if HAS_RES:
+        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+    if ROPE:
+        _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                             H, HKV, D, BLOCK_N)
+    else:
+        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _group_columns(FMT: tl.constexpr):
+    """The column of a group that each of its 32 int8 activations pairs with in the int8 dots:
+    Q8_0, the code in byte i of the group's words (byte b of word w: column 8 b + w); Q4_0, the low
+    (even i) or high (odd i) nibble of byte i // 2 (byte b of word w: nibbles 2b and 2b + 1,
+    columns 8 b + w and 8 b + 4 + w)."""
+    i = tl.arange(0, 32)
+    if FMT == 2:
+        j = i // 2
+        return 8 * (j % 4) + j // 4 + 4 * (i % 2)
+    return 8 * (i % 4) + i // 4
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, nw_ptr, xq_ptr, xd_ptr, K, stride_xm, eps, FMT: tl.constexpr, GLU: tl.constexpr,
+                       NORM: tl.constexpr, BLOCK_G: tl.constexpr):
+    """One row of x (with GLU silu(gate) * up, with NORM through RMSNorm) to int8 per 32-column
+    group in the order of :func:`_group_columns`, and the group scales (float32)."""
+    m = tl.program_id(0)
+    gi = tl.arange(0, BLOCK_G)
+    KG = K // 32
+    mask = gi < KG
+    xrow = x_ptr + m * stride_xm
+    r = _inv_rms(xrow, K, eps, BLOCK_G * 32) if NORM else 1.0
+    col = gi[:, None] * 32 + _group_columns(FMT)[None, :]
+    xq, d = _quantize_groups(_load_x1(xrow, col, K, GLU, NORM, nw_ptr, r, mask[:, None]), 2)
+    i = tl.arange(0, 32)
+    tl.store(xq_ptr + m * K + gi[:, None] * 32 + i[None, :], xq.to(tl.int8), mask=mask[:, None])
+    tl.store(xd_ptr + m * KG + gi, d, mask=mask)
+
+
+@triton.jit
+def _i2f(c):
+    """int32 (|c| < 2^22) to float32 without the quarter-rate conversion: an add, a bitcast, a subtract."""
+    return (c + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _dot_i8(a, b, EMULATE: tl.constexpr):
+    """a (M, K) @ b (N, K).T of int8 in int32 (float32 under the interpreter, exact at these sizes)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32))).to(tl.int32)
+    return tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+
+
+@triton.jit
+def _qgemm_i8_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_rm, stride_om,
+                     FMT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """BLOCK_M rows of int8 x (:func:`_quantize_x_kernel`) against BLOCK_N rows of a Q4_0 / Q8_0
+    matrix read as stored, one int8 tensor-core dot (K = 32) per group, each group's int32 sums
+    scaled by x's and the weights' group scales into a float32 accumulator. Q8_0's codes are
+    int8 already; a Q4_0 group's 16 bytes are split into low and high nibbles, each made signed
+    (q - 8), and joined into one (BLOCK_N, 32) tile (int8 dots need K >= 32). With SPLIT > 1 the
+    groups are split among SPLIT programs (program_id 2), each writing float32 partial sums to
+    out (SPLIT, M, N) for :func:`_split_sum_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rml = tl.where(rm < M, rm, 0)
+    rnl = tl.where(rn < N, rn, 0)
+    KG = K // 32
+    i = tl.arange(0, 32)
+    if FMT == 2:
+        b_off = rnl[:, None] * (K // 2) + tl.arange(0, 16)[None, :]
+    else:
+        b_off = rnl[:, None] * K + i[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    per = tl.cdiv(KG, SPLIT)
+    for g in range(pid_s * per, tl.minimum(KG, pid_s * per + per)):
+        if FMT == 2:
+            t = tl.load(w_ptr + b_off + g * 16)  # (BLOCK_N, 16) uint8
+            b = tl.reshape(tl.join((t & 0xF).to(tl.int8) - 8, (t >> 4).to(tl.int8) - 8), (BLOCK_N, 32))
+        else:
+            b = tl.load(w_ptr + b_off + g * 32)  # (BLOCK_N, 32) int8
+        c = _i2f(_dot_i8(tl.load(xq_ptr + rml[:, None] * K + g * 32 + i[None, :]), b, EMULATE))
+        dx = tl.load(xd_ptr + rml * KG + g)
+        sw = tl.load(s_ptr + rnl * KG + g).to(tl.float32)
+        acc += (dx[:, None] * sw[None, :]) * c
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT > 1:
+        tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        if HAS_RES:
+            acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, res_ptr, out_ptr, M, N, stride_rm, stride_om, SPLIT: tl.constexpr,
+                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """out = the SPLIT float32 partial sums (SPLIT, M, N) added (+ residual), one row a program."""
+    m = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * M * N + m * N + n, mask=mask, other=0.0)
+    if HAS_RES:
+        acc += tl.load(res_ptr + m * stride_rm + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_x(x: torch.Tensor, fmt: int, *, glu: bool = False,
+               norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) (or (M, 2K) with ``glu``; through RMSNorm with ``norm``) -> (int8 (M, K) in the
+    order of :func:`_group_columns`, the group scales (M, K / 32) float32)."""
+    M = x.shape[0]
+    K = x.shape[1] // 2 if glu else x.shape[1]
+    assert x.stride(1) == 1 and K % 32 == 0
+    xq = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    xd = torch.empty(M, K // 32, dtype=torch.float32, device=x.device)
+    nw, eps = norm if norm is not None else (x, 0.0)
+    bg = triton.next_power_of_2(K // 32)
+    _quantize_x_kernel[(M,)](x, nw, xq, xd, K, x.stride(0), eps, FMT=fmt, GLU=glu, NORM=norm is not None,
+                             BLOCK_G=bg, num_warps=max(1, min(8, bg // 8)))
+    return xq, xd
+
+
+def _gemm_i8(x, fmt, codes, scales, residual, glu, norm, out, cfg):
+    """x' @ W.T (+ residual) through :func:`quantize_x` and ``_qgemm_i8_kernel`` (configuration
+    ("i8", BLOCK_M, BLOCK_N, num_warps, num_stages (0: Triton's default)[, split])); split > 1
+    adds :func:`_split_sum_kernel`."""
+    _, bm, bn, warps, stages, *rest = cfg
+    split = rest[0] if rest else 1
+    M, N = x.shape[0], codes.shape[0]
+    K = scales.shape[1] * 32
+    xq, xd = quantize_x(x, fmt, glu=glu, norm=norm)
+    w8 = codes.view(torch.uint8 if fmt == Q4_0 else torch.int8)
+    res = residual if residual is not None else out
+    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    _qgemm_i8_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm), split)](
+        xq, xd, w8, scales, res, dst, M, N, K, res.stride(0), out.stride(0), FMT=fmt,
+        HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, EMULATE=INTERPRET, num_warps=warps,
+        **({"num_stages": stages} if stages else {}))
+    if split > 1:
+        _split_sum_kernel[(M, triton.cdiv(N, 1024))](dst, res, out, M, N, res.stride(0), out.stride(0), SPLIT=split,
+                                                    HAS_RES=residual is not None, BLOCK=1024, num_warps=4)
+    return out
+
+
 @triton.jit
 def _qgemm_g_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_rm, stride_om,
                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
@@ -509,16 +748,18 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep
-# on the H100 over the 1B shapes). Dense: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot).
-# Quantized: ("gemvT", BLOCK_N, words a thread holds of a row: num_warps follows from K),
-# ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot" | "dotj", BLOCK_M, BLOCK_N, BLOCK_K, num_warps
-# [, num_stages (0: Triton's default) [, SUB: dotj's dots of BLOCK_M rows sharing each weight tile]]), or
-# ("mm", chunk MB): dequantized to bfloat16 chunk by chunk, then cuBLAS.
-# Quantized entries may depend on the matrix: {"wide": N >= 8192, "deep": K >= 4096,
-# "narrow": N <= 2048, "mid": the rest} (the 1B shapes: gate_up and head wide, down deep, o narrow,
-# qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
+# (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep and
+# scripts/gpu/int8_sweep.py on the H100 over the 1B shapes). Dense: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot).
+# Quantized: ("gemvT", BLOCK_N, words a thread holds of a row: num_warps follows from K), ("dp4a", the same:
+# int8 activations, four products an instruction), ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot" |
+# "dotj", BLOCK_M, BLOCK_N, BLOCK_K, num_warps [, num_stages (0: Triton's default) [, SUB: dotj's dots of
+# BLOCK_M rows sharing each weight tile]]), ("i8", BLOCK_M, BLOCK_N, num_warps, num_stages, split: int8
+# activations, int8 tensor-core dots, the groups split among programs), or ("mm", chunk MB): dequantized to bfloat16 chunk by chunk, then
+# cuBLAS. Quantized entries may depend on the matrix: {"vocab": N >= 32768 (falls back to "wide"), "wide":
+# N >= 8192, "deep": K >= 4096, "narrow": N <= 2048, "mid": the rest} (the 1B shapes: the head vocab, gate_up
+# wide, down deep, o narrow, qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
 _DOT16, _DOT64, _DOTJ16 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4), ("dotj", 16, 128, 128, 4)
+_Q8_16 = ("i8", 16, 64, 4, 4, 4)
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # batch 1: the sweeps of 2026-11-22 timed in CUDA graphs, RMSNorm inside for qkv, gate_up and the head as
     # decode runs them (scripts/gpu/dense_sweep.py; scripts/gpu_engine_check.py --sweep with SWEEP_ROWS=1):
@@ -527,22 +768,37 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
                  "narrow": (1, 1, 512, 1, False), "mid": (1, 4, 512, 4, False)},
     (DENSE, 8): (16, 64, 256, 4, True),
     (DENSE, 64): (16, 64, 256, 4, True),
-    # Q4_0 gate_up 12.7, head 61.6, qkv 5.2, o 3.7, down 6.5 (-2.9 us a layer and -9 us the head against
-    # ("gemvT", 8, 4)); Q8_0 gate_up 16.7, head 98.6, qkv 5.8, o 4.6, down 9.9 (-1.2 and -9 against (4, 4))
-    (Q4_0, 1): {"wide": ("gemvT", 16, 4), "deep": ("gemvT", 4, 8), "narrow": ("gemvT", 2, 8), "mid": ("gemvT", 4, 4)},
+    # Q4_0 (scripts/gpu/int8_sweep.py, 2026-11-22): dp4a for qkv 5.2 us (gemvT 5.5), o 3.5 (3.8), gate_up 11.2
+    # (12.6); gemvT for down 6.6 and the head 60.0. Q8_0: gemvT everywhere (gate_up 17.0, head 96.0; dp4a
+    # was never faster)
+    (Q4_0, 1): {"vocab": ("gemvT", 16, 4), "wide": ("dp4a", 32, 4), "deep": ("gemvT", 4, 8),
+                "narrow": ("dp4a", 8, 4), "mid": ("dp4a", 16, 4)},
     (Q8_0, 1): {"wide": ("gemvT", 8, 4), "deep": ("gemvT", 16, 4), "narrow": ("gemvT", 2, 4), "mid": ("gemvT", 4, 4)},
     (Q4_0, 4): ("gemvT", 4, 4),
     (Q8_0, 4): ("gemvT", 4, 4),
-    # 5-64 rows, from the 2026-11-22 sweep timed in CUDA graphs (scripts/gpu_engine_check.py --sweep; timed
-    # from Python instead, the dequantize + cuBLAS products of a few microseconds measured Triton's launch
-    # overhead), with the faster dequantizer: dequantize + cuBLAS for nearly everything (Q4_0 at 64 rows:
-    # qkv 12, o 10, gate_up 56 (16 MB chunks, which stay in L2), down 26, head 443 us), the joined-tile
-    # kernel for the wide matrices at 5-16 rows (gate_up 47, head 267 us) and the whole-row kernel for qkv
-    # there (it applies RMSNorm and RoPE itself: two kernels fewer)
-    (Q4_0, 16): {"wide": _DOTJ16, "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},
-    (Q8_0, 16): {"wide": _DOTJ16, "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},
-    (Q4_0, 64): {"wide": ("mm", 16), "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
-    (Q8_0, 64): {"wide": ("mm", 16), "deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
+    # 5-64 rows, scripts/gpu/int8_sweep.py (2026-11-22, timed in CUDA graphs, the int8 kernels' quantizing
+    # kernel included): int8 tensor-core dots for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against
+    # 55 for dequantize + cuBLAS, the head ~270 against 443; Q8_0 ~39 against 60, ~200 against 486), for
+    # Q8_0's down (25 against 30) and for all of Q8_0's at 5-16 rows; dequantize + cuBLAS for the other small
+    # ones (qkv 12, o 10 us), the whole-row kernel for Q4_0's qkv at 5-8 rows (it applies RMSNorm and RoPE
+    # itself). Measured and dropped (docs/gpu.md): Q4_0's nibbles read twice instead of joined, the offset
+    # term in the epilogue instead of signed codes, sub-blocks of 16 rows sharing a tile, two groups an
+    # iteration, the next group loaded ahead into registers. gate_up at 64 rows in two splits (I8_SPLITS=1,2,3,4:
+    # Q4_0 43.0 us against 45.6 with four, Q8_0 35.6 against 36.6 with one)
+    (Q4_0, 8): {"vocab": ("i8", 16, 128, 4, 4, 4), "wide": ("i8", 16, 64, 4, 4, 1), "deep": ("mm", 0),
+                "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},
+    (Q8_0, 8): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": _Q8_16, "deep": _Q8_16, "narrow": _Q8_16, "mid": _Q8_16},
+    (Q4_0, 16): {"vocab": ("i8", 16, 128, 4, 4, 4), "wide": ("i8", 16, 128, 4, 4, 4), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 16): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": _Q8_16, "deep": _Q8_16, "narrow": _Q8_16, "mid": _Q8_16},
+    (Q4_0, 32): {"vocab": ("i8", 32, 128, 4, 4, 1), "wide": ("i8", 32, 128, 4, 4, 4), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 32): {"vocab": ("i8", 32, 128, 4, 4, 1), "wide": ("i8", 32, 128, 4, 4, 4), "deep": ("i8", 32, 64, 4, 4, 4),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q4_0, 64): {"vocab": ("i8", 64, 128, 4, 3, 1), "wide": ("i8", 64, 128, 4, 5, 2), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 64): {"vocab": ("i8", 64, 128, 4, 5, 1), "wide": ("i8", 64, 128, 4, 5, 2), "deep": ("i8", 64, 128, 4, 5, 8),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
 }
 MAX_ROWS = 64
 # (ma, mb, ca, cb) of _slot per format: masks and magic exponents (2048.0, 128.0; 32768.0)
@@ -550,20 +806,24 @@ SLOT_CONSTANTS = {Q4_0: (0xF000, 0xF0000, 0x45000000, 0x43000000), Q8_0: (0xFF00
 
 
 def shape_class(n: int, k: int) -> str:
-    return "wide" if n >= 8192 else "deep" if k >= 4096 else "narrow" if n <= 2048 else "mid"
+    return ("vocab" if n >= 32768 else "wide" if n >= 8192 else "deep" if k >= 4096 else "narrow" if n <= 2048
+            else "mid")
 
 
 def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
     """The configuration for m rows of x against an (n, k) matrix."""
     keys = sorted(r for f, r in CONFIGS if f == fmt)
     cfg = CONFIGS[(fmt, next((r for r in keys if m <= r), keys[-1]))]
-    return cfg[shape_class(n, k)] if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict):
+        return cfg
+    cls = shape_class(n, k)
+    return cfg.get(cls) or cfg["wide" if cls == "vocab" else cls]
 
 
 def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
     """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
     cfg = config or pick_config(fmt, m, n, k)
-    return cfg[0] in ("gemv", "gemvT") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
+    return cfg[0] in ("gemv", "gemvT", "dp4a", "i8") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
@@ -571,7 +831,7 @@ def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, he
     row of x per program (gemvT, or the dense kernel with one row a block), blocks of an even
     number of rows dividing the head dimension."""
     cfg = config or pick_config(fmt, m, n, k)
-    ok = (cfg[0] == 1 and not cfg[4]) if fmt == DENSE else cfg[0] == "gemvT"
+    ok = (cfg[0] == 1 and not cfg[4]) if fmt == DENSE else cfg[0] in ("gemvT", "dp4a")
     bn = cfg[1]
     return ok and bn % 2 == 0 and head_dim % bn == 0
 
@@ -626,7 +886,16 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         return out
     assert codes.dtype == torch.int32 and codes.shape[1] * (8 if fmt == Q4_0 else 4) == K, (codes.shape, K)
     kind = cfg[0]
-    if kind == "gemv":
+    if kind == "i8":
+        _gemm_i8(x, fmt, codes, scales, residual, glu, norm, out, cfg)
+    elif kind == "dp4a":
+        _, bn, wpt = cfg
+        bg = triton.next_power_of_2(K // 32)
+        warps = max(1, min(16, bg * 32 // (8 if fmt == Q4_0 else 4) // (32 * wpt)))
+        _qgemv_i8_kernel[(triton.cdiv(N, bn), M)](
+            x, codes, scales, res, out, nw, eps, N, K, x.stride(0), res.stride(0), out.stride(0), *rope_args,
+            FMT=fmt, BLOCK_N=bn, BLOCK_G=bg, EMULATE=INTERPRET, num_warps=warps, **common, **rope_kw)
+    elif kind == "gemv":
         _, bn, bk, warps = cfg
         bk = min(bk, K)
         assert K % bk == 0, (K, bk)
