@@ -199,16 +199,15 @@ def check_file(path: Path, device: str, n: int, compile_step: bool) -> dict[str,
             "greedy_cpu_f32": ref["greedy"], "decode_ms_per_token": timings}
 
 
-SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROWS picks the rows
-    1: [("gemvT", bn, wpt) for bn in (2, 4, 8, 16) for wpt in (4, 8)] + [("gemv", 4, 2048, 4)],
+SWEEP_CONFIGS = {  # rows of x -> configs tried (see kernels.CONFIGS); SWEEP_ROWS picks the rows. The int8
+    # kernels at 5-64 rows have their own sweep (scripts/gpu/int8_sweep.py); the tile kernels dot, dotg and dotj
+    # that the earlier sweeps here timed are gone (docs/gpu.md)
+    1: [("gemvT", bn, wpt) for bn in (2, 4, 8, 16) for wpt in (4, 8)] + [("dp4a", bn, 4) for bn in (4, 16)],
     2: [("gemvT", 4, 4), ("gemvT", 8, 4), ("mm", 0), ("mm", 16)],
-    8: [("gemvT", 8, 4), ("mm", 0), ("mm", 8)],
-    16: [("gemvT", 8, 4), ("mm", 0), ("dotj", 16, 128, 128, 4)],
-    32: [("mm", 0), ("mm", 16), ("dotj", 16, 128, 128, 4, 0, 2), ("dotj", 16, 64, 128, 4, 0, 2)],
-    # dotj with SUB = 4: one dequantized tile for four 16-row dots (a 64-row tl.dot on the joined
-    # tile does not compile on the H100: PassManager::run failed, 2026-11-22)
-    64: [("mm", 0), ("mm", 16), ("dot", 64, 64, 128, 4), ("dotj", 16, 128, 128, 4, 0, 4),
-         ("dotj", 16, 256, 128, 8, 0, 4), ("dotj", 16, 128, 128, 4, 0, 2)],
+    8: [("gemvT", 8, 4), ("mm", 0), ("mm", 8), ("i8", 16, 64, 4, 4, 4)],
+    16: [("gemvT", 8, 4), ("mm", 0), ("i8", 16, 64, 4, 4, 4)],
+    32: [("mm", 0), ("mm", 16), ("i8", 32, 128, 4, 4, 1)],
+    64: [("mm", 0), ("mm", 16), ("i8", 64, 128, 4, 5, 1), ("i8", 64, 128, 4, 5, 2)],
 }
 if os.environ.get("SWEEP_ROWS"):
     SWEEP_CONFIGS = {int(m): SWEEP_CONFIGS[int(m)] for m in os.environ["SWEEP_ROWS"].split(",")}

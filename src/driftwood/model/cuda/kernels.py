@@ -4,11 +4,13 @@
   dense (the compute dtype), Q8_0 or Q4_0 (int32 words of codes, see
   :class:`~driftwood.model.weights.BlockLinear`), with the fp16 scale of each 32-column group
   beside them. Optionally x is a gate|up pair and the kernel applies ``silu(gate) * up`` while
-  loading it (the MLP's down projection), and adds a residual. Quantized weights take
-  ``_qgemv_t_kernel`` / ``_qgemv_kernel`` (one row of x per program, FMA only) for few rows,
-  and for more ``_qgemm_kernel`` (each code position of a tile dequantized into its own
-  ``tl.dot``), ``_qgemm_j_kernel`` (the positions joined into one tile, one ``tl.dot``) or
-  dequantize-then-cuBLAS, per matrix shape (:data:`CONFIGS`).
+  loading it (the MLP's down projection), and adds a residual. Quantized weights take, per
+  row count and matrix shape (:data:`CONFIGS`): ``_qgemv_t_kernel`` (one row of x a program,
+  FMA only), ``_qgemv_i8_kernel`` (one row a program, x quantized to int8 inside, ``dp4a``),
+  ``_qgemm_i8_kernel`` (x quantized by :func:`quantize_x`, int8 tensor-core dots on the
+  stored codes) or dequantize-then-cuBLAS. (The tile kernels ``dot``, ``dotg``, ``dotj`` and
+  the 2-D ``gemv`` that earlier passes measured, slower than these everywhere, are in the git
+  history: docs/gpu.md.)
 - :func:`rms_norm`: one row per program; :func:`silu_mul`: ``silu(gate) * up`` where the down
   product is dequantize-then-cuBLAS (which cannot apply it while loading).
 - :func:`rope_store`: RoPE on each row's queries and keys at its own position, the keys and
@@ -203,87 +205,6 @@ def _slot_offset(P: tl.constexpr, FMT: tl.constexpr):
 
 
 @triton.jit
-def _word_tile(w_ptr, s_ptr, rows, k0, ri, K, FMT: tl.constexpr):
-    """The (rows, words) tile of codes at k-block k0 (``ri``: the block's word indices) and each
-    word's group scale as float32; Q8_0 words come with each byte's sign bit flipped (0x80808080:
-    q + 128 in 0..255), as :func:`_slot` reads them."""
-    NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
-    WG: tl.constexpr = 32 // NS  # words per group
-    w = tl.load(w_ptr + rows[:, None] * (K // NS) + (k0 // NS + ri)[None, :])
-    s = tl.load(s_ptr + rows[:, None] * (K // 32) + (k0 // 32 + ri // WG)[None, :]).to(tl.float32)
-    if FMT == 1:
-        w = w ^ -0x7F7F7F80
-    return w, s
-
-
-@triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, ca, cb, N, K, stride_xm, stride_rm,
-                  stride_om, FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                  NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row m of x (program_id 1) against BLOCK_N rows of a Q4_0 / Q8_0 matrix; with NORM,
-    x is first put through RMSNorm (weights nw_ptr)."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
-    WG: tl.constexpr = 32 // NS  # words per group
-    BW: tl.constexpr = BLOCK_K // NS  # words per k-block
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rn < N
-    rn = tl.where(mask_n, rn, 0)  # rows past N read row 0, never stored
-    ri = tl.arange(0, BW)
-    cbase = (ri // WG) * 32 + ri % WG  # column of position 0 of word ri in the k-block
-    xrow = x_ptr + m * stride_xm
-    r = _inv_rms(xrow, K, eps, BLOCK_K) if NORM else 1.0
-    acc = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w, s = _word_tile(w_ptr, s_ptr, rn, k0, ri, K, FMT)
-        part = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-        corr = tl.zeros((BW,), dtype=tl.float32)
-        for p in tl.static_range(NS):
-            xp = _load_x1(xrow, k0 + cbase + p * WG, K, GLU, NORM, nw_ptr, r, ri < BW)  # (BW,)
-            part += _slot(w, p, FMT, ma, mb, ca, cb) * xp[None, :]
-            corr += xp * _slot_offset(p, FMT)
-        acc += s * (part - corr[None, :])
-    y = tl.sum(acc, axis=1)
-    if HAS_RES:
-        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _qgemm_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K, stride_xm, stride_rm, stride_om,
-                  FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  F32: tl.constexpr):
-    """BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: each code position of a
-    (BLOCK_N, words) tile dequantized to bfloat16 and multiplied by the matching columns of x
-    with tl.dot (the columns of a k-block taken in the packed order)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    NS: tl.constexpr = 8 if FMT == 2 else 4
-    WG: tl.constexpr = 32 // NS
-    BW: tl.constexpr = BLOCK_K // NS
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rnl = tl.where(mask_n, rn, 0)
-    ri = tl.arange(0, BW)
-    cbase = (ri // WG) * 32 + ri % WG
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w, s = _word_tile(w_ptr, s_ptr, rnl, k0, ri, K, FMT)
-        for p in tl.static_range(NS):
-            wd = (_slot(w, p, FMT, ma, mb, ca, cb) - _slot_offset(p, FMT)) * s  # (BLOCK_N, BW)
-            xp = _load_x(x_ptr, rm, mask_m, k0 + cbase + p * WG, stride_xm, K, GLU)  # (BLOCK_M, BW)
-            acc += _dot(xp, tl.trans(wd), F32)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _joined_positions(w, s, FMT: tl.constexpr, ma, mb, ca, cb):
     """Every code position of the int32 words ``w`` dequantized (as :func:`_slot` reads them,
     times the scales ``s``, broadcast against ``w``) and joined into new trailing dimensions:
@@ -302,76 +223,6 @@ def _joined_positions(w, s, FMT: tl.constexpr, ma, mb, ca, cb):
     else:  # one return: Triton type-checks every return, the skipped branch's too
         t = tl.join(tl.join(d0, d2), tl.join(d1, d3))
     return t
-
-
-@triton.jit
-def _joined_tile(w_ptr, s_ptr, rows, k0, ri, K, ma, mb, ca, cb, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, dt: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) tile of a Q4_0 / Q8_0 matrix at k-block k0 dequantized to dt, its
-    columns in the packed order (column k' = word * NS + position; see :func:`_packed_columns`)."""
-    w, s = _word_tile(w_ptr, s_ptr, rows, k0, ri, K, FMT)
-    return tl.reshape(_joined_positions(w, s, FMT, ma, mb, ca, cb).to(dt), (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _packed_columns(FMT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x's column for each packed position of a k-block (the order of :func:`_joined_tile`)."""
-    NS: tl.constexpr = 8 if FMT == 2 else 4
-    WG: tl.constexpr = 32 // NS
-    kk = tl.arange(0, BLOCK_K)
-    word, p = kk // NS, kk % NS
-    return (word // WG) * 32 + word % WG + p * WG
-
-
-@triton.jit
-def _store_rows(acc, rm, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES: tl.constexpr):
-    """out[rm, rn] = acc (+ res[rm, rn])."""
-    mask = (rm < M)[:, None] & mask_n[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _qgemm_j_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, ma, mb, ca, cb, M, N, K, stride_xm, stride_rm, stride_om,
-                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
-                    F32: tl.constexpr):
-    """SUB * BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: each k-block's
-    weight tile dequantized once (:func:`_joined_tile`) and multiplied with SUB tl.dots of
-    BLOCK_M rows each (K = BLOCK_K), x's columns gathered in the packed order. SUB > 1 shares one
-    dequantized tile among up to 64 rows while each dot stays small enough for mma.sync (one
-    tl.dot of 64 rows takes Triton's wgmma path, which fails on the joined tile's layout)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    BW: tl.constexpr = BLOCK_K // (8 if FMT == 2 else 4)
-    rm = pid_m * (SUB * BLOCK_M) + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rn < N
-    rnl = tl.where(mask_n, rn, 0)
-    ri = tl.arange(0, BW)
-    col = _packed_columns(FMT, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SUB > 1:
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SUB > 2:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        wt = tl.trans(_joined_tile(w_ptr, s_ptr, rnl, k0, ri, K, ma, mb, ca, cb, FMT, BLOCK_N, BLOCK_K,
-                                   x_ptr.dtype.element_ty))
-        acc0 += _dot(_load_x(x_ptr, rm, rm < M, k0 + col, stride_xm, K, GLU), wt, F32)
-        if SUB > 1:
-            acc1 += _dot(_load_x(x_ptr, rm + BLOCK_M, rm + BLOCK_M < M, k0 + col, stride_xm, K, GLU), wt, F32)
-        if SUB > 2:
-            acc2 += _dot(_load_x(x_ptr, rm + 2 * BLOCK_M, rm + 2 * BLOCK_M < M, k0 + col, stride_xm, K, GLU), wt, F32)
-            acc3 += _dot(_load_x(x_ptr, rm + 3 * BLOCK_M, rm + 3 * BLOCK_M < M, k0 + col, stride_xm, K, GLU), wt, F32)
-    _store_rows(acc0, rm, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
-    if SUB > 1:
-        _store_rows(acc1, rm + BLOCK_M, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
-    if SUB > 2:
-        _store_rows(acc2, rm + 2 * BLOCK_M, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
-        _store_rows(acc3, rm + 3 * BLOCK_M, rn, mask_n, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RES)
 
 
 @triton.jit
@@ -662,44 +513,6 @@ def _gemm_i8(x, fmt, codes, scales, residual, glu, norm, out, cfg):
 
 
 @triton.jit
-def _qgemm_g_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, M, N, K, stride_xm, stride_rm, stride_om,
-                    FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    F32: tl.constexpr):
-    """BLOCK_M rows of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix: a (BLOCK_N, BLOCK_K) tile
-    in column order, each element gathering its word (an L1 hit after the first of its 8 or 4
-    columns) and scale, dequantized to bfloat16, then one tl.dot per k-block."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    NS: tl.constexpr = 8 if FMT == 2 else 4
-    WG: tl.constexpr = 32 // NS
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rnl = tl.where(mask_n, rn, 0)
-    rk = tl.arange(0, BLOCK_K)
-    j = rk % 32
-    word = (rk // 32) * WG + j % WG  # within the k-block
-    shift = (j // WG) * (32 // NS)
-    KW = K // NS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rnl[:, None] * KW + (k0 // NS + word)[None, :])  # (BLOCK_N, BLOCK_K)
-        s = tl.load(s_ptr + rnl[:, None] * (K // 32) + ((k0 + rk) // 32)[None, :]).to(tl.float32)
-        if FMT == 2:
-            q = (((w >> shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        else:
-            q = ((((w >> shift[None, :]) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-        xk = _load_x(x_ptr, rm, mask_m, k0 + rk, stride_xm, K, GLU)  # (BLOCK_M, BLOCK_K)
-        acc += _dot(xk, tl.trans(q * s), F32)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm, stride_rm,
                  stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                  GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
@@ -751,14 +564,11 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
 # (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep and
 # scripts/gpu/int8_sweep.py on the H100 over the 1B shapes). Dense: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, use_dot).
 # Quantized: ("gemvT", BLOCK_N, words a thread holds of a row: num_warps follows from K), ("dp4a", the same:
-# int8 activations, four products an instruction), ("gemv", BLOCK_N, BLOCK_K, num_warps), ("dotg" | "dot" |
-# "dotj", BLOCK_M, BLOCK_N, BLOCK_K, num_warps [, num_stages (0: Triton's default) [, SUB: dotj's dots of
-# BLOCK_M rows sharing each weight tile]]), ("i8", BLOCK_M, BLOCK_N, num_warps, num_stages, split: int8
-# activations, int8 tensor-core dots, the groups split among programs), or ("mm", chunk MB): dequantized to bfloat16 chunk by chunk, then
-# cuBLAS. Quantized entries may depend on the matrix: {"vocab": N >= 32768 (falls back to "wide"), "wide":
+# int8 activations, four products an instruction), ("i8", BLOCK_M, BLOCK_N, num_warps, num_stages, split: int8
+# activations, int8 tensor-core dots, the groups split among programs), or ("mm", chunk MB): dequantized to
+# bfloat16 chunk by chunk, then cuBLAS. Quantized entries may depend on the matrix: {"vocab": N >= 32768 (falls back to "wide"), "wide":
 # N >= 8192, "deep": K >= 4096, "narrow": N <= 2048, "mid": the rest} (the 1B shapes: the head vocab, gate_up
 # wide, down deep, o narrow, qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
-_DOT16, _DOT64, _DOTJ16 = ("dot", 16, 64, 256, 4), ("dot", 64, 64, 128, 4), ("dotj", 16, 128, 128, 4)
 _Q8_16 = ("i8", 16, 64, 4, 4, 4)
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # batch 1: the sweeps of 2026-11-22 timed in CUDA graphs, RMSNorm inside for qkv, gate_up and the head as
@@ -823,7 +633,7 @@ def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
 def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
     """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
     cfg = config or pick_config(fmt, m, n, k)
-    return cfg[0] in ("gemv", "gemvT", "dp4a", "i8") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
+    return cfg[0] in ("gemvT", "dp4a", "i8") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
@@ -895,13 +705,6 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         _qgemv_i8_kernel[(triton.cdiv(N, bn), M)](
             x, codes, scales, res, out, nw, eps, N, K, x.stride(0), res.stride(0), out.stride(0), *rope_args,
             FMT=fmt, BLOCK_N=bn, BLOCK_G=bg, EMULATE=INTERPRET, num_warps=warps, **common, **rope_kw)
-    elif kind == "gemv":
-        _, bn, bk, warps = cfg
-        bk = min(bk, K)
-        assert K % bk == 0, (K, bk)
-        _qgemv_kernel[(triton.cdiv(N, bn), M)](
-            x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
-            FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **common)
     elif kind == "gemvT":
         _, bn, wpt = cfg
         bk = triton.next_power_of_2(K)
@@ -911,19 +714,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
             *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
             **rope_kw, **_launch(pdl))
     else:
-        _, bm, bn, bk, warps, *rest = cfg  # dotj: optionally num_stages, then SUB
-        stages, sub = (rest + [0, 1][len(rest):])[:2]
-        common.pop("NORM")
-        bk = min(bk, K)
-        assert K % bk == 0, (K, bk)
-        grid = (triton.cdiv(N, bn), triton.cdiv(M, bm * sub))
-        consts = () if kind == "dotg" else SLOT_CONSTANTS[fmt]
-        extra = {"SUB": sub} if kind == "dotj" else {}
-        assert sub == 1 or kind == "dotj", cfg
-        kernel = {"dotg": _qgemm_g_kernel, "dotj": _qgemm_j_kernel}.get(kind, _qgemm_kernel)
-        kernel[grid](x, codes, scales, res, out, *consts, M, N, K, x.stride(0), res.stride(0), out.stride(0),
-                     FMT=fmt, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET, num_warps=warps,
-                     **({"num_stages": stages} if stages else {}), **extra, **common)
+        raise ValueError(f"unknown kernel configuration {cfg}")
     return out
 
 
