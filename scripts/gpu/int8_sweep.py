@@ -35,6 +35,10 @@ I8 = {
     32: [("i8", 32, bn, 4, 4, sp) for bn in (64, 128) for sp in (1, 4)],
     16: [("i8", 16, bn, 4, 4, sp) for bn in (64, 128) for sp in (1, 4)],
     8: [("i8", 16, bn, 4, 4, sp) for bn in (64, 128) for sp in (1, 4)],
+    4: [("i8", 16, bn, 4, 4, sp) for bn in (64, 128) for sp in (1, 4)] + [("gemvT", bn, 4) for bn in (2, 8, 16)]
+    + [("dp4a", bn, 4) for bn in (4, 16)],
+    2: [("i8", 16, 64, 4, 4, sp) for sp in (1, 4)] + [("gemvT", bn, 4) for bn in (2, 8, 16)]
+    + [("dp4a", bn, 4) for bn in (4, 16)],
 }
 if os.environ.get("I8_SPLITS"):  # e.g. I8_SPLITS=2,3: the 64-row configurations with these splits only
     I8[64] = [("i8", 64, 128, 4, st, int(sp)) for st in (3, 5) for sp in os.environ["I8_SPLITS"].split(",")]
@@ -76,7 +80,7 @@ def errors(fmt: int) -> list[dict]:
                 h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16().float() * nw.float()
                 ref = h @ w.t()
             cands = candidates(fmt, m, N, Kd)
-            for cfg in cands[:1] + [c for c in cands if c[0] in ("dp4a", "i8") and (m == 1 or c[5] in (1, 4))][:6]:
+            for cfg in cands[:1] + [c for c in cands if c[0] in ("dp4a", "i8") and (c[0] != "i8" or c[5] in (1, 4))][:6]:
                 if glu:
                     r = res.clone()
                     y = K.gemv(x, fmt, codes, scales, glu=True, residual=r, out=r, config=cfg)

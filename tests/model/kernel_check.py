@@ -74,7 +74,8 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
             errs[f"fmt {fmt} {cfg[0]} glu residual"] = rel(y, res.float() + h @ w.t())
         y = K.gemv(x, fmt, codes, scales, out_dtype=torch.float32)
         assert y.dtype == torch.float32
-        errs[f"fmt {fmt} float32 out"] = rel(y, x.float() @ w.t())
+        int8 = "int8 " if K.pick_config(fmt, M, N, Kd)[0] in ("dp4a", "i8") else ""  # the configuration picked
+        errs[f"{int8}fmt {fmt} float32 out"] = rel(y, x.float() @ w.t())
         y = torch.full((M, N), float("nan"), dtype=torch.float32, device=device)
         K.gemv(x, fmt, codes, scales, out=y, config=("mm", 0.01))
         errs[f"fmt {fmt} mm float32 out"] = rel(y, x.float() @ w.t())

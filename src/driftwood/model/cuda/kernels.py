@@ -584,8 +584,16 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     (Q4_0, 1): {"vocab": ("gemvT", 16, 4), "wide": ("dp4a", 32, 4), "deep": ("gemvT", 4, 8),
                 "narrow": ("dp4a", 8, 4), "mid": ("dp4a", 16, 4)},
     (Q8_0, 1): {"wide": ("gemvT", 8, 4), "deep": ("gemvT", 16, 4), "narrow": ("gemvT", 2, 4), "mid": ("gemvT", 4, 4)},
-    (Q4_0, 4): ("gemvT", 4, 4),
-    (Q8_0, 4): ("gemvT", 4, 4),
+    # 2-4 rows (scripts/gpu/int8_sweep.py with ROWS=2,4, 2026-11-22; one program a row for gemvT and dp4a, the
+    # repeated weights from L2): products a step at 4 rows Q4_0 955 us against 1,801 for gemvT everywhere,
+    # Q8_0 1,249 against 1,948; at 2 rows 658 against 1,004 and 999 against 1,119
+    (Q4_0, 2): ("dp4a", 16, 4),
+    (Q8_0, 2): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": ("gemvT", 8, 4), "deep": ("gemvT", 16, 4),
+                "narrow": ("gemvT", 16, 4), "mid": ("gemvT", 4, 4)},
+    (Q4_0, 4): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": ("i8", 16, 128, 4, 4, 4), "deep": ("dp4a", 16, 4),
+                "narrow": ("dp4a", 16, 4), "mid": ("dp4a", 16, 4)},
+    (Q8_0, 4): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": ("i8", 16, 64, 4, 4, 1), "deep": ("gemvT", 8, 4),
+                "narrow": ("gemvT", 16, 4), "mid": ("gemvT", 8, 4)},
     # 5-64 rows, scripts/gpu/int8_sweep.py (2026-11-22, timed in CUDA graphs, the int8 kernels' quantizing
     # kernel included): int8 tensor-core dots for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against
     # 55 for dequantize + cuBLAS, the head ~270 against 443; Q8_0 ~39 against 60, ~200 against 486), for
