@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,49 +236,72 @@ def graph_ms(fn, replays: int = 20) -> float:
     return statistics.median(times)
 
 
+# (N, K) of each product of the Llama-3.2-1B shape, and those decode runs with RMSNorm inside
+SHAPES_1B = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+             "head": (128256, 2048)}
+NORMED = ("qkv", "gate_up", "head")
+
+
+def time_quantized(fmt: int, name: str, rows: Sequence[int],
+                   candidates: Callable[[int, int, int], Sequence[tuple]]) -> list[dict[str, Any]]:
+    """µs a product of each configuration ``candidates(m, N, K)`` for m in ``rows`` rows of x
+    against the 1B shape's ``name`` matrix in ``fmt`` (random codes), replayed in a CUDA graph
+    over enough copies of the matrix (one after the other) to defeat the 50 MB L2 for the small
+    ones, RMSNorm inside for qkv, gate_up and the head where the kernel can (as decode runs them).
+    One row of results per configuration: us and gb_s (weight bytes), or the error of one that
+    does not compile."""
+    from driftwood.model.cuda import kernels as K
+
+    N, Kd = SHAPES_1B[name]
+    per_word = 8 if fmt == K.Q4_0 else 4
+    nbytes = N * Kd // per_word * 4 + N * Kd // 32 * 2
+    copies = max(1, min(16, (200 << 20) // nbytes))
+    mats = [(torch.randint(-2**31, 2**31 - 1, (N, Kd // per_word), dtype=torch.int32, device="cuda"),
+             (torch.rand(N, Kd // 32, device="cuda") * 0.01).half()) for _ in range(copies)]
+    nw = torch.rand(Kd, device="cuda").bfloat16()
+    out_rows = []
+    for m in rows:
+        x = torch.randn(m, Kd, device="cuda").bfloat16()
+        out = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
+        for cfg in candidates(m, N, Kd):
+            norm = (nw, 1e-5) if name in NORMED and K.fuses_norm(fmt, m, config=cfg) else None
+
+            def once(cfg=cfg, x=x, out=out, norm=norm, mats=mats):
+                for c, sc in mats:
+                    K.gemv(x, fmt, c, sc, out=out, config=cfg, norm=norm)
+
+            row = {"shape": name, "fmt": fmt, "M": m, "config": cfg}
+            try:
+                ms = graph_ms(once) / len(mats)
+            except Exception as exc:  # a configuration that does not compile
+                out_rows.append({**row, "error": repr(exc)[:300]})
+                continue
+            out_rows.append({**row, "us": ms * 1e3, "gb_s": nbytes / ms / 1e6, "norm": norm is not None})
+    del mats
+    torch.cuda.empty_cache()
+    return out_rows
+
+
 def sweep() -> list[dict[str, Any]]:
     """GB/s (weight bytes / time) of the quantized kernels per configuration, format and row
-    count, on the Llama-3.2-1B shapes, each product replayed in a CUDA graph over enough copies
-    of its matrix (one after the other) to defeat the 50 MB L2 for the small ones; torch.mm on
-    dense bfloat16 for reference."""
+    count, on the Llama-3.2-1B shapes (:func:`time_quantized`); torch.mm on dense bfloat16 for
+    reference."""
     import itertools
 
     from driftwood.model.cuda import kernels as K
 
-    shapes = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
-              "head": (128256, 2048)}
-    NORMED = ("qkv", "gate_up", "head")
+    shapes = SHAPES_1B
     rows_out = []
-    for (name, (N, Kd)), fmt in itertools.product(shapes.items(), (K.Q4_0, K.Q8_0)):
-        per_word = 8 if fmt == K.Q4_0 else 4
-        nbytes = N * Kd // per_word * 4 + N * Kd // 32 * 2
-        copies = max(1, min(16, (200 << 20) // nbytes))
-        mats = [(torch.randint(-2**31, 2**31 - 1, (N, Kd // per_word), dtype=torch.int32, device="cuda"),
-                 (torch.rand(N, Kd // 32, device="cuda") * 0.01).half()) for _ in range(copies)]
-        nw = torch.rand(Kd, device="cuda").bfloat16()
-        for M, cfgs in SWEEP_CONFIGS.items():
-            x = torch.randn(M, Kd, device="cuda").bfloat16()
-            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            for cfg in cfgs:
-                # qkv, gate_up and the head take RMSNorm inside where the kernel can (as decode runs them)
-                norm = (nw, 1e-5) if name in NORMED and K.fuses_norm(fmt, M, config=cfg) else None
-
-                def once(cfg=cfg, x=x, f=fmt, out=out, mats=mats, norm=norm):
-                    for c, sc in mats:
-                        K.gemv(x, f, c, sc, out=out, config=cfg, norm=norm)
-
-                try:
-                    ms = graph_ms(once) / len(mats)
-                    rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "ms": ms,
-                                     "gb_s": nbytes / ms / 1e6})
-                except Exception as exc:  # a config that does not compile
-                    rows_out.append({"shape": name, "fmt": fmt, "M": M, "config": cfg, "error": repr(exc)[:300]})
+    for name, fmt in itertools.product(shapes, (K.Q4_0, K.Q8_0)):
+        timed = time_quantized(fmt, name, list(SWEEP_CONFIGS), lambda m, n, k: SWEEP_CONFIGS[m])
+        rows_out += [{**{k: v for k, v in r.items() if k != "us"}, "ms": r["us"] / 1e3} if "us" in r else r
+                     for r in timed]
+        for M in SWEEP_CONFIGS:
             best = max((r for r in rows_out if r["shape"] == name and r["fmt"] == fmt and r["M"] == M
                         and "gb_s" in r), key=lambda r: r["gb_s"], default=None)
             if best:
                 print(f"sweep {name} fmt={fmt} M={M}: best {best['config']} {best['ms'] * 1e3:.1f} us "
                       f"{best['gb_s']:.0f} GB/s", flush=True)
-        del mats
     for name, (N, Kd) in shapes.items():
         ws = [torch.randn(N, Kd, device="cuda").bfloat16() for _ in range(max(1, min(16, (200 << 20) // (N * Kd * 2))))]
         for M in (1, 64):

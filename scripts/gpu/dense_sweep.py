@@ -11,12 +11,11 @@ import json
 import sys
 
 import torch
-from scripts.gpu_engine_check import graph_ms
+from scripts.gpu_engine_check import SHAPES_1B, graph_ms
 
 from driftwood.model.cuda import kernels as K
 
-SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
-          "head": (128256, 2048)}
+SHAPES = SHAPES_1B
 CONFIGS = [(1, bn, bk, w, False) for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048)
            for w in (1, 2, 4, 8) if bn * bk <= 16384]
 

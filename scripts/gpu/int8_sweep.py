@@ -18,13 +18,11 @@ import sys
 import time
 
 import torch
-from scripts.gpu_engine_check import graph_ms
+from scripts.gpu_engine_check import SHAPES_1B, time_quantized
 
 from driftwood.model.cuda import kernels as K
 
-SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
-          "head": (128256, 2048)}
-NORMED = ("qkv", "gate_up", "head")
+SHAPES = SHAPES_1B
 DP4A = [("dp4a", bn, wpt) for bn in (2, 4, 8, 16, 32) for wpt in (2, 4)]
 # ("i8", BLOCK_M, BLOCK_N, num_warps, num_stages, split). The variants measured on 2026-11-22 and dropped
 # (Q4_0's nibbles read twice, the unsigned codes' offset term in the epilogue, sub-blocks sharing a tile, two
@@ -62,7 +60,8 @@ def errors(fmt: int) -> list[dict]:
     residual) against float32 on the dequantized weights, beside the kernel decode runs now."""
     out = []
     g = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
-    for name, (N, Kd) in (("gate_up", (16384, 2048)), ("down", (2048, 8192))):
+    for name in ("gate_up", "down"):
+        N, Kd = SHAPES_1B[name]
         per_word = 8 if fmt == K.Q4_0 else 4
         codes = torch.randint(-2**31, 2**31 - 1, (N, Kd // per_word), dtype=torch.int32, device="cuda", generator=g)
         scales = (torch.rand(N, Kd // 32, device="cuda", generator=g) * 0.01).half()
@@ -96,39 +95,19 @@ def errors(fmt: int) -> list[dict]:
 
 def sweep(fmt: int) -> list[dict]:
     rows = []
-    per_word = 8 if fmt == K.Q4_0 else 4
     for name, (N, Kd) in SHAPES.items():
-        nbytes = N * Kd // per_word * 4 + N * Kd // 32 * 2
-        copies = max(1, min(16, (200 << 20) // nbytes))
-        mats = [(torch.randint(-2**31, 2**31 - 1, (N, Kd // per_word), dtype=torch.int32, device="cuda"),
-                 (torch.rand(N, Kd // 32, device="cuda") * 0.01).half()) for _ in range(copies)]
-        nw = torch.rand(Kd, device="cuda").bfloat16()
+        timed = time_quantized(fmt, name, ROWS, lambda m, n, k: candidates(fmt, m, n, k))
+        rows += timed
+        for r in timed:
+            if "error" in r:
+                print(f"sweep {name} fmt={fmt} M={r['M']} {r['config']}: {r['error'][:200]}", flush=True)
         for m in ROWS:
-            x = torch.randn(m, Kd, device="cuda").bfloat16()
-            out = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
-            for cfg in candidates(fmt, m, N, Kd):
-                norm = (nw, 1e-5) if name in NORMED and K.fuses_norm(fmt, m, config=cfg) else None
-
-                def once(cfg=cfg, x=x, out=out, mats=mats, norm=norm):
-                    for c, sc in mats:
-                        K.gemv(x, fmt, c, sc, out=out, config=cfg, norm=norm)
-
-                try:
-                    ms = graph_ms(once) / len(mats)
-                except Exception as exc:  # a configuration that does not compile
-                    rows.append({"shape": name, "fmt": fmt, "M": m, "config": cfg, "error": repr(exc)[:300]})
-                    print(f"sweep {name} fmt={fmt} M={m} {cfg}: {repr(exc)[:200]}", flush=True)
-                    continue
-                rows.append({"shape": name, "fmt": fmt, "M": m, "config": cfg, "us": ms * 1e3,
-                             "gb_s": nbytes / ms / 1e6, "norm": norm is not None})
-            here = [r for r in rows if r["shape"] == name and r["M"] == m and r["fmt"] == fmt and "us" in r]
+            here = [r for r in timed if r["M"] == m and "us" in r]
             now = here[0] if here and here[0]["config"] == K.pick_config(fmt, m, N, Kd) else None
             best = min(here, key=lambda r: r["us"], default=None)
             if best and now:
                 print(f"sweep {name} fmt={fmt} M={m}: now {now['config']} {now['us']:.1f} us; best {best['config']} "
                       f"{best['us']:.1f} us {best['gb_s']:.0f} GB/s", flush=True)
-        del mats
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -109,6 +109,21 @@ def _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr
 
 
 @triton.jit
+def _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
+                  sc_b, sc_h, sc_t, HAS_RES: tl.constexpr, ROPE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A one-row product's outputs rn (float32 y) of row m: the residual added, then stored, or
+    with ROPE put where :func:`rope_store` puts them (:func:`_rope_store_epilogue`)."""
+    if HAS_RES:
+        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+    if ROPE:
+        _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
+                             H, HKV, D, BLOCK_N)
+    else:
+        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _dot(a, b, F32: tl.constexpr):
     """a @ b with bfloat16 operands (float32 under the interpreter), float32 result."""
     if F32:
@@ -264,13 +279,8 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
         part += _slot(w, p, FMT, ma, mb, ca, cb) * xp[:, None]
         corr += xp * _slot_offset(p, FMT)
     y = tl.sum(s * (part - corr[:, None]), axis=0)  # (BLOCK_N,)
-    if HAS_RES:
-        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
-    if ROPE:
-        _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
-                             H, HKV, D, BLOCK_N)
-    else:
-        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
+                  sc_b, sc_h, sc_t, HAS_RES, ROPE, H, HKV, D, BLOCK_N)
 
 
 # --- int8 activations: dp4a for one row, tensor-core int8 dots for more ---
@@ -360,13 +370,8 @@ def _qgemv_i8_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, N, K: t
         acc = _dp4a(w, tl.broadcast_to(xa[:, :, None], w.shape), tl.zeros_like(w), True, EMULATE)
         isum = tl.sum(acc, axis=1)
     y = tl.sum(isum.to(tl.float32) * (s * d[:, None]), axis=0)  # (BLOCK_N,)
-    if HAS_RES:
-        y += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
-    if ROPE:
-        _rope_store_epilogue(y, rn, mask_n, m, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
-                             H, HKV, D, BLOCK_N)
-    else:
-        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
+                  sc_b, sc_h, sc_t, HAS_RES, ROPE, H, HKV, D, BLOCK_N)
 
 
 @triton.jit
