@@ -312,10 +312,9 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    if {"dense", "fuse_norm", "fuse_rope", "pdl", "fuse_combine"} & step_kw.keys():
-        model.decode_ops = TritonOps(step_kw.get("dense", "cublas"), step_kw.get("fuse_norm", True),
-                                     step_kw.get("fuse_rope", True), step_kw.get("pdl", False),
-                                     step_kw.get("fuse_combine", False))
+    ops_kw = {k: v for k, v in step_kw.items() if k != "capture"}
+    if ops_kw:
+        model.decode_ops = TritonOps(**ops_kw)
     if step_kw.get("capture") is False:
         model.graph_capture = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,
