@@ -133,12 +133,9 @@ def test_graphs_match_the_eager_fused_step(tiny_gguf, dtype, rows):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize(("dtype", "options"), [("bf16", {"pdl": True}), ("q4_0", {"pdl": True}),
-                                                ("bf16", {"prefetch_mb": 8}), ("q4_0", {"prefetch_mb": 8}),
-                                                ("q8_0", {"prefetch_mb": 1})])
-def test_launch_options_in_a_graph_match_the_plain_eager_step(tiny_gguf, dtype, options):
-    """Programmatic dependent launch, or the next products' weights prefetched into L2, in a
-    graph: the same bits as the plain step."""
+@pytest.mark.parametrize("dtype", ["bf16", "q4_0"])
+def test_pdl_graph_matches_the_plain_eager_step(tiny_gguf, dtype):
+    """Programmatic dependent launch in a graph: the same bits as the step without it."""
     m = load_model(str(tiny_gguf(dtype, TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
     batch = m.new_batch(1, capacity=128)
     batch.prefill(0, PROMPTS[0])
@@ -148,5 +145,5 @@ def test_launch_options_in_a_graph_match_the_plain_eager_step(tiny_gguf, dtype, 
     for _ in range(3):  # captured, then replayed
         batch.cache.k.copy_(saved[0])
         batch.cache.v.copy_(saved[1])
-        got = GraphDecoder(m.transformer, batch.cache, ops=TritonOps(**options))(tokens, pos)
+        got = GraphDecoder(m.transformer, batch.cache, ops=TritonOps(pdl=True))(tokens, pos)
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -312,7 +312,7 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    ops_kw = {k: v for k, v in step_kw.items() if k != "capture"}
+    ops_kw = {k: v for k, v in step_kw.items() if k != "capture"}  # TritonOps' options
     if ops_kw:
         model.decode_ops = TritonOps(**ops_kw)
     if step_kw.get("capture") is False:

@@ -50,9 +50,7 @@ class TorchOps:
         return rms_norm(x, weight, eps)
 
     def linear(self, x: torch.Tensor, layer: torch.nn.Module, *, residual: torch.Tensor | None = None,
-               glu: bool = False, out_dtype: torch.dtype | None = None,
-               ahead: Sequence[torch.nn.Module] = ()) -> torch.Tensor:
-        """``layer(x) (+ residual)``; ``ahead``: the products the step runs next (a hint)."""
+               glu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if glu:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
@@ -62,14 +60,13 @@ class TorchOps:
         return y if out_dtype is None else y.to(out_dtype)
 
     def norm_linear(self, x: torch.Tensor, weight: torch.Tensor, eps: float, layer: torch.nn.Module, *,
-                    out_dtype: torch.dtype | None = None, ahead: Sequence[torch.nn.Module] = ()) -> torch.Tensor:
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``linear(rms_norm(x, weight, eps), layer)``."""
-        return self.linear(self.rms_norm(x, weight, eps), layer, out_dtype=out_dtype, ahead=ahead)
+        return self.linear(self.rms_norm(x, weight, eps), layer, out_dtype=out_dtype)
 
-    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim,
-                 ahead=()):
+    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         """``rope_store(norm_linear(x, weight, eps, layer), pos, ...)``: the rotated queries (B, H, D)."""
-        qkv = self.norm_linear(x, weight, eps, layer, ahead=ahead)
+        qkv = self.norm_linear(x, weight, eps, layer)
         return self.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
 
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
@@ -103,13 +100,10 @@ class TritonOps(TorchOps):
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
     ``fuse_combine``: attention in one kernel, the splits combined by the last split program of
     each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
-    ``prefetch_mb``: each one-row product asks the next ``prefetch_mb`` MB of the step's weights
-    (the products ``ahead`` of it) into L2 as its programs finish (0: off).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False, fuse_combine: bool = False, prefetch_mb: float = 0.0,
-                 prefetch_mode: int = 1) -> None:
+                 pdl: bool = False, fuse_combine: bool = False) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
@@ -118,8 +112,6 @@ class TritonOps(TorchOps):
         self.fuse_rope = fuse_rope
         self.pdl = pdl
         self.fuse_combine = fuse_combine
-        self.prefetch_bytes = int(prefetch_mb * 2**20)
-        self.prefetch_mode = prefetch_mode
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -130,44 +122,35 @@ class TritonOps(TorchOps):
             return k.DENSE, layer.weight, None
         return None
 
-    def _prefetch(self, ahead):
-        """The regions of the next ``prefetch_bytes`` of the weights of the products ahead."""
-        if not self.prefetch_bytes:
-            return ()
-        tensors = [t for m in ahead for t in ((m.codes, m.scales) if isinstance(m, BlockLinear) else (m.weight,))]
-        return self.k.prefetch_regions(tensors, self.prefetch_bytes)
-
     def rms_norm(self, x, weight, eps):
         return self.k.rms_norm(x, weight, eps, pdl=self.pdl)
 
-    def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None, ahead=()):
+    def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None):
         args = self._gemv_args(x, layer)
         if args is not None:
             return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
-                               pdl=self.pdl, prefetch=self._prefetch(ahead), prefetch_mode=self.prefetch_mode)
+                               pdl=self.pdl)
         if glu:  # SiLU · up in one kernel rounding once (torch takes two)
             x, glu = self.k.silu_mul(x), False
         if isinstance(layer, DenseLinear) and residual is not None and out_dtype is None:
             return torch.addmm(residual, x, layer.weight.t())  # the residual added in cuBLAS's epilogue
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
 
-    def norm_linear(self, x, weight, eps, layer, *, out_dtype=None, ahead=()):
+    def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):
         args = self._gemv_args(x, layer)
         if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
-            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl,
-                               prefetch=self._prefetch(ahead), prefetch_mode=self.prefetch_mode)
-        return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype, ahead=ahead)
+            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl)
+        return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
-    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim,
-                 ahead=()):
+    def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         args = self._gemv_args(x, layer)
         m, n, kd = x.shape[0], (n_heads + 2 * n_kv_heads) * head_dim, x.shape[1]
         if (self.fuse_rope and self.fuse_norm and args is not None and k_cache.dtype == x.dtype
                 and self.k.fuses_norm(args[0], m, n, kd) and self.k.fuses_rope(args[0], m, n, kd, head_dim=head_dim)):
             rope = (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
-            return self.k.gemv(x, *args, norm=(weight, eps), rope=rope, pdl=self.pdl, prefetch=self._prefetch(ahead), prefetch_mode=self.prefetch_mode)
+            return self.k.gemv(x, *args, norm=(weight, eps), rope=rope, pdl=self.pdl)
         return super().qkv_rope(x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads,
-                                head_dim, ahead)
+                                head_dim)
 
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim, pdl=self.pdl)
@@ -186,25 +169,19 @@ class DecodeStep:
         self.t, self.ops = transformer, ops
         c = transformer.config
         self.dims = (c.n_heads, c.n_kv_heads, c.head_dim)
-        # the products in the order a step runs them, the first again after the head (the next step's)
-        order = [m for layer in transformer.layers
-                 for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)] + [transformer.output]
-        self.ahead = {id(m): (order + order)[i + 1 : i + 4] for i, m in enumerate(order)}
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        t, ops, ahead = self.t, self.ops, self.ahead
+        t, ops = self.t, self.ops
         B = tokens.shape[0]
         x = t.embed(tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
-            wqkv, wo, w13, w2 = layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2
-            q = ops.qkv_rope(x, layer.attn_norm, layer.eps, wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
-                             *self.dims, ahead=ahead[id(wqkv)])  # (B, H, D); k, v written at pos
+            q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
+                             *self.dims)  # (B, H, D); k, v written at pos
             a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
-            x = ops.linear(a, wo, residual=x, ahead=ahead[id(wo)])
-            gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, w13, ahead=ahead[id(w13)])  # (B, 2 ffn)
-            x = ops.linear(gu, w2, residual=x, glu=True, ahead=ahead[id(w2)])
-        return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32,
-                               ahead=ahead[id(t.output)])
+            x = ops.linear(a, layer.attn.wo, residual=x)
+            gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
+            x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
+        return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
 
 
 def default_ops(device: torch.device, dense: str = "cublas") -> TorchOps:

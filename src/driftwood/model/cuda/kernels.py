@@ -32,7 +32,6 @@ independent of the row, once per word; the group's scale is applied once per wor
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -122,43 +121,6 @@ def _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_
                              H, HKV, D, BLOCK_N)
     else:
         tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _prefetch_l2(a, n, chunk, NT: tl.constexpr, LINES: tl.constexpr):
-    """This program's slice of the n bytes at address a (16-byte aligned, n a multiple of 16 below
-    2^31) asked into L2: with LINES, its NT threads' ``chunk`` bytes each (a multiple of 128), a
-    prefetch.global.L2 per 128-byte line; else one bulk prefetch of the program's ``chunk`` bytes
-    (Hopper's cp.async.bulk.prefetch: the copy engine fetches, the program does not wait).
-    Program p's slice precedes program p + 1's, so the programs that get there first fetch the
-    region's start."""
-    pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-    if LINES:
-        start = (pid * NT + tl.arange(0, NT)) * chunk
-        size = tl.minimum(tl.maximum(n - start, 0), chunk)
-        for off in range(0, chunk, 128):
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [a + (start + off), size - off], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        start = pid * chunk
-        if start < n:
-            tl.inline_asm_elementwise("{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-                                      "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r",
-                                      [a + start, tl.minimum(n - start, chunk)], dtype=tl.int32, is_pure=False,
-                                      pack=1)
-
-
-@triton.jit
-def _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF: tl.constexpr,
-                   NT: tl.constexpr, AT_START: tl.constexpr):
-    """The next products' weights into L2 (up to four regions, unused ones of 0 bytes). PF: 0 off,
-    1 bulk prefetches as the programs finish, 2 as they start, 3 and 4 the same per line."""
-    if PF != 0 and (PF % 2 == 0) == AT_START:
-        _prefetch_l2(pa0, pn0, pc0, NT, PF > 2)
-        _prefetch_l2(pa1, pn1, pc1, NT, PF > 2)
-        _prefetch_l2(pa2, pn2, pc2, NT, PF > 2)
-        _prefetch_l2(pa3, pn3, pc3, NT, PF > 2)
 
 
 @triton.jit
@@ -283,16 +245,13 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
                     stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                     FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                     NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr,
-                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                    pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF: tl.constexpr,
-                    NT: tl.constexpr):
+                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """As _qgemv_kernel, with the whole row in one block (BLOCK_K = next power of two >= K) and
     the tile laid out (words, rows): with num_warps chosen so that the warps span the words
     exactly, each thread holds the same words of all BLOCK_N rows, and the activations, their
     conversion and the offset sums are computed once for BLOCK_N rows."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, True)
     NS: tl.constexpr = 8 if FMT == 2 else 4
     WG: tl.constexpr = 32 // NS
     BW: tl.constexpr = BLOCK_K // NS
@@ -322,7 +281,6 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
     y = tl.sum(s * (part - corr[:, None]), axis=0)  # (BLOCK_N,)
     _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
                   sc_b, sc_h, sc_t, HAS_RES, ROPE, H, HKV, D, BLOCK_N)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, False)
 
 
 # --- int8 activations: dp4a for one row, tensor-core int8 dots for more ---
@@ -374,16 +332,13 @@ def _qgemv_i8_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, N, K: t
                      stride_rm, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, sc_b, sc_h, sc_t,
                      FMT: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, ROPE: tl.constexpr, H: tl.constexpr,
-                     HKV: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr,
-                     pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF: tl.constexpr,
-                    NT: tl.constexpr):
+                     HKV: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
     """One row of x against BLOCK_N rows of a Q4_0 / Q8_0 matrix, the whole row in one block as
     in _qgemv_t_kernel, with x quantized to int8 per group inside the program and each word's
     codes multiplied by four activations at a time (dp4a): per 32 weights of a row ~20 integer
     instructions (Q4_0) where _qgemv_t_kernel needs ~130."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, True)
     NS: tl.constexpr = 8 if FMT == 2 else 4  # codes per word
     WG: tl.constexpr = 32 // NS  # words per group
     KG: tl.constexpr = K // 32
@@ -417,7 +372,6 @@ def _qgemv_i8_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, N, K: t
     y = tl.sum(isum.to(tl.float32) * (s * d[:, None]), axis=0)  # (BLOCK_N,)
     _row_epilogue(y, rn, mask_n, m, res_ptr, stride_rm, out_ptr, stride_om, pos_ptr, inv_ptr, q_ptr, k_ptr, v_ptr,
                   sc_b, sc_h, sc_t, HAS_RES, ROPE, H, HKV, D, BLOCK_N)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, False)
 
 
 @triton.jit
@@ -569,15 +523,12 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
                  GLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                  USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, F32: tl.constexpr, ROPE: tl.constexpr,
-                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                 pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF: tl.constexpr,
-                    NT: tl.constexpr):
+                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """Dense weights (the compute dtype); NORM (one row of x a program): RMSNorm first; ROPE
     (one row of x a program): the QKV product's epilogue of :func:`rope_store`. The first
     k-block of weights is loaded ahead (before the PDL wait), each next one during the current."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, True)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
@@ -613,7 +564,6 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
                              v_ptr, sc_b, sc_h, sc_t, H, HKV, D, BLOCK_N)
     else:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    _prefetch_next(pa0, pn0, pc0, pa1, pn1, pc1, pa2, pn2, pc2, pa3, pn3, pc3, PF, NT, False)
 
 
 # (format, rows <= m) -> config; see docs/gpu.md (the best of scripts/gpu_engine_check.py --sweep and
@@ -678,23 +628,6 @@ MAX_ROWS = 64
 SLOT_CONSTANTS = {Q4_0: (0xF000, 0xF0000, 0x45000000, 0x43000000), Q8_0: (0xFF00, 0, 0x47000000, 0)}
 
 
-def prefetch_regions(tensors: Sequence[torch.Tensor], nbytes: int) -> list[tuple[int, int]]:
-    """The first ``nbytes`` of the tensors' storage taken in order, as at most four (address,
-    bytes) regions for :func:`gemv`'s ``prefetch``: each start rounded up to 16 bytes, each
-    length down to a multiple of 16 (a few bytes at the edges stay unfetched)."""
-    out: list[tuple[int, int]] = []
-    for t in tensors:
-        if nbytes <= 0 or len(out) == 4:
-            break
-        a = t.data_ptr()
-        start = (a + 15) // 16 * 16
-        n = min(t.numel() * t.element_size() - (start - a), nbytes) // 16 * 16
-        if n > 0:
-            out.append((start, n))
-            nbytes -= n
-    return out
-
-
 def shape_class(n: int, k: int) -> str:
     return ("vocab" if n >= 32768 else "wide" if n >= 8192 else "deep" if k >= 4096 else "narrow" if n <= 2048
             else "mid")
@@ -730,7 +663,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
          residual: torch.Tensor | None = None, glu: bool = False, out: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, config: tuple | None = None,
          norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
-         pdl: bool = False, prefetch: Sequence[tuple[int, int]] = (), prefetch_mode: int = 1) -> torch.Tensor:
+         pdl: bool = False) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``) -> (M, N) = x' @ W.T (+ residual (M, N)).
 
     ``out`` may be ``residual`` itself (each element is read, then written, by one program).
@@ -738,10 +671,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     ``rope`` (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim): W is the QKV
     matrix and the product goes where :func:`rope_store` puts it (only where :func:`fuses_rope`);
     returns the rotated queries (M, H, D). ``pdl``: programmatic dependent launch (gemvT and the
-    dense one-row kernel). ``prefetch``: up to four (address, bytes) regions (16-byte aligned,
-    multiples of 16 bytes: :func:`prefetch_regions`) that the one-row kernels (gemvT, dp4a, the
-    dense one) ask into L2, how as ``prefetch_mode`` says (:func:`_prefetch_next`); ignored by the
-    others.
+    dense one-row kernel).
     """
     M = x.shape[0]
     N = codes.shape[0]
@@ -768,17 +698,6 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
     common = dict(GLU=glu, HAS_RES=residual is not None, NORM=norm is not None)
     nw, eps = norm if norm is not None else (x, 0.0)
     assert norm is None or (not glu and fuses_norm(fmt, M, config=cfg)), "norm fuses into one-row programs"
-    assert len(prefetch) <= 4 and all(n < 2**31 for _, n in prefetch)
-    regions = [*prefetch, *[(0, 0)] * (4 - len(prefetch))]
-
-    def pf(programs: int, threads: int) -> dict:
-        """The prefetch arguments: each region in slices of a multiple of 128 bytes, a program's or
-        a thread's each (computed here: a 64-bit division in every program measured ~0.5 us a kernel)."""
-        per = programs * threads if prefetch_mode > 2 else programs
-        chunk = [max(256, triton.cdiv(triton.cdiv(n, per), 128) * 128) for _, n in regions]
-        return dict(PF=prefetch_mode if prefetch and not INTERPRET else 0,  # the interpreter has no inline asm
-                    NT=threads, **{f"p{c}{i}": v for i, ((a, n), ch) in enumerate(zip(regions, chunk, strict=True))
-                                   for c, v in zip("anc", (a, n, ch), strict=True)})
     if fmt == DENSE:
         bm, bn, bk, warps, use_dot = cfg
         bk = min(bk, K)
@@ -786,8 +705,7 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
         _gemv_kernel[grid](x, codes, res, out, nw, eps, M, N, K, x.stride(0), res.stride(0), out.stride(0),
                            *rope_args, USE_DOT=use_dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32=INTERPRET,
-                           num_warps=warps, PDL=pdl and PDL_SUPPORTED, **pf(grid[0] * grid[1], 32 * warps),
-                           **common, **rope_kw, **_launch(pdl))
+                           num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common, **rope_kw, **_launch(pdl))
         return out
     assert codes.dtype == torch.int32 and codes.shape[1] * (8 if fmt == Q4_0 else 4) == K, (codes.shape, K)
     kind = cfg[0]
@@ -799,16 +717,15 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         warps = max(1, min(16, bg * 32 // (8 if fmt == Q4_0 else 4) // (32 * wpt)))
         _qgemv_i8_kernel[(triton.cdiv(N, bn), M)](
             x, codes, scales, res, out, nw, eps, N, K, x.stride(0), res.stride(0), out.stride(0), *rope_args,
-            FMT=fmt, BLOCK_N=bn, BLOCK_G=bg, EMULATE=INTERPRET, num_warps=warps, **pf(triton.cdiv(N, bn) * M, 32 * warps),
-            **common, **rope_kw)
+            FMT=fmt, BLOCK_N=bn, BLOCK_G=bg, EMULATE=INTERPRET, num_warps=warps, **common, **rope_kw)
     elif kind == "gemvT":
         _, bn, wpt = cfg
         bk = triton.next_power_of_2(K)
         warps = max(1, min(16, bk // (8 if fmt == Q4_0 else 4) // (32 * wpt)))
         _qgemv_t_kernel[(triton.cdiv(N, bn), M)](
             x, codes, scales, res, out, nw, eps, *SLOT_CONSTANTS[fmt], N, K, x.stride(0), res.stride(0), out.stride(0),
-            *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED,
-            **pf(triton.cdiv(N, bn) * M, 32 * warps), **common, **rope_kw, **_launch(pdl))
+            *rope_args, FMT=fmt, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PDL=pdl and PDL_SUPPORTED, **common,
+            **rope_kw, **_launch(pdl))
     else:
         raise ValueError(f"unknown kernel configuration {cfg}")
     return out
