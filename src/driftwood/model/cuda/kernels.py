@@ -838,6 +838,73 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+
+# --- the MLP of one row in two kernels: gate|up and down together, then the partial sums ---
+#
+# The one-row products are latency-bound at their start and end (docs/gpu.md); the MLP's two
+# (gate|up, then down) become one streaming kernel: program p computes rows [p BH, (p + 1) BH)
+# of gate and of up, h = silu(gate) * up for them, and at once its share of the down product,
+# W2[:, those columns] @ h (a 2 BH-byte run of each of W2's rows), into its row of partial sums;
+# a small kernel adds the partial sums in a fixed order (deterministic: no atomics) and the
+# residual.
+
+
+@triton.jit
+def _mlp_kernel(x_ptr, nw_ptr, eps, w13_ptr, w2_ptr, part_ptr, F, D: tl.constexpr, BH: tl.constexpr,
+                BK: tl.constexpr, BD: tl.constexpr):
+    """One row x (D,): part[p] (D,) = W2[:, rh] @ silu(gate[rh]) * up[rh], rh = p's BH rows,
+    gate|up = W13 @ rms_norm(x) rounded to x's dtype (as the unfused products store it)."""
+    p = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    r = _inv_rms(x_ptr, D, eps, D)
+    rh = p * BH + tl.arange(0, BH)
+    rk = tl.arange(0, BK)
+    ag = tl.zeros((BH, BK), dtype=tl.float32)
+    au = tl.zeros((BH, BK), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        xk = _load_x1(x_ptr, k0 + rk, D, False, True, nw_ptr, r, rk < BK)[None, :]
+        ag += tl.load(w13_ptr + rh[:, None] * D + (k0 + rk)[None, :]).to(tl.float32) * xk
+        au += tl.load(w13_ptr + (F + rh)[:, None] * D + (k0 + rk)[None, :]).to(tl.float32) * xk
+    h = _silu_gate(tl.sum(ag, axis=1).to(dt).to(tl.float32), tl.sum(au, axis=1).to(dt).to(tl.float32))
+    rd = tl.arange(0, BD)
+    for d0 in range(0, D, BD):
+        w = tl.load(w2_ptr + (d0 + rd)[:, None] * F + rh[None, :]).to(tl.float32)  # (BD, BH)
+        tl.store(part_ptr + p * D + d0 + rd, tl.sum(w * h[None, :], axis=1))
+
+
+@triton.jit
+def _mlp_sum_kernel(part_ptr, res_ptr, out_ptr, P, D, BP: tl.constexpr, BC: tl.constexpr):
+    """out[c] = residual[c] + the P partial sums of column c, added in program order."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        rp = p0 + tl.arange(0, BP)
+        acc += tl.load(part_ptr + rp[:, None] * D + c[None, :], mask=(rp < P)[:, None], other=0.0)
+    y = tl.sum(acc, axis=0) + tl.load(res_ptr + c).to(tl.float32)
+    tl.store(out_ptr + c, y.to(out_ptr.dtype.element_ty))
+
+
+# (rows of gate and of up a program, their k-block, down's rows a step, num_warps; the sum kernel's
+# partial rows a step, columns a program)
+MLP_CONFIG = (32, 128, 64, 4, 16, 128)
+
+
+def mlp(x: torch.Tensor, norm: tuple[torch.Tensor, float], w13: torch.Tensor, w2: torch.Tensor,
+        residual: torch.Tensor, *, out: torch.Tensor | None = None, config: tuple = MLP_CONFIG) -> torch.Tensor:
+    """One row: ``residual + W2 @ (silu(g) * u)`` with g|u = ``W13 @ rms_norm(x, *norm)`` for
+    dense W13 (2F, D) and W2 (D, F), in two kernels (``out`` may be ``residual``)."""
+    bh, bk, bd, warps, bp, bc = config
+    F, D = w2.shape[1], w2.shape[0]
+    assert x.shape == (1, D) and x.stride(1) == 1 and w13.shape == (2 * F, D) and w13.is_contiguous()
+    assert w2.is_contiguous() and F % bh == 0 and D % bk == 0 and D % bd == 0 and D % bc == 0
+    assert triton.next_power_of_2(D) == D, "the row's norm is one block"
+    P = F // bh
+    part = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    _mlp_kernel[(P,)](x, norm[0], norm[1], w13, w2, part, F, D=D, BH=bh, BK=bk, BD=bd, num_warps=warps)
+    out = out if out is not None else torch.empty_like(residual)
+    _mlp_sum_kernel[(D // bc,)](part, residual, out, P, D, BP=bp, BC=bc, num_warps=4)
+    return out
+
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
