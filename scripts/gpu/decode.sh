@@ -4,8 +4,7 @@
 # Llama-3.2-1B GGUFs (BF16, Q4_0, Q8_0) written here in /tmp (nothing large travels).
 # Usage (from the repository root, carry .whl): bash scripts/gpu/decode.sh [bench options]
 # STAGES (default tests,check,bench) may also name sweep (the quantized kernels' configurations,
-# to $OUT/sweep/), int8 (scripts/gpu/int8_sweep.py: the int8-activation kernels), mlp
-# (scripts/gpu/mlp_sweep.py: one row's dense MLP fused into one kernel against two products), prefill (cold and warm prefill times of each file, one row per call) and
+# to $OUT/sweep/), int8 (scripts/gpu/int8_sweep.py: the int8-activation kernels), prefill (cold and warm prefill times of each file, one row per call) and
 # profile (scripts/gpu/step_profile.py: each step's kernels from the CUDA profiler, batch 1 and 64).
 set -u
 . scripts/gpu/setup.sh
@@ -24,10 +23,6 @@ case $STAGES in *sweep*)
 esac
 case $STAGES in *int8*)
   timeout ${INT8_TIMEOUT:-300} python3 scripts/gpu/int8_sweep.py "$OUT/int8-sweep.json" 2>&1 | tee "$OUT/int8-sweep.txt" ;;
-esac
-case $STAGES in *mlp*)
-  wait
-  timeout ${MLP_TIMEOUT:-300} python3 scripts/gpu/mlp_sweep.py "$OUT/mlp-sweep.json" 2>&1 | tee "$OUT/mlp-sweep.txt" ;;
 esac
 case $STAGES in *check*)
   timeout ${CHECK_TIMEOUT:-220} python3 scripts/gpu_engine_check.py --out "$OUT" --dtypes bf16,q4_0,q8_0 \

@@ -173,29 +173,10 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
         errs[f"qkv rope fused {name} v"] = rel(vb[rows, :, pos], vf[rows, :, pos])
         kb[rows, :, pos] = 0
         assert kb.isnan().sum() == kb.numel() - B * Hkv * D, "wrote outside the positions"
-    # one row's dense MLP in two kernels (gate|up with down's share per program, then the partial
-    # sums and the residual): against float32 throughout, and near the two products it replaces
-    Dm, Fm = 256, 512
-    xm, resm, wnm = randn(1, Dm).bfloat16(), randn(1, Dm).bfloat16(), randn(Dm).bfloat16()
-    w13, w2 = (randn(2 * Fm, Dm) / Dm**0.5).bfloat16(), (randn(Dm, Fm) / Fm**0.5).bfloat16()
-    hm = (TorchOps().rms_norm(xm, wnm, 1e-5).float() @ w13.float().t()).bfloat16().float()  # stored so unfused
-    want = resm.float() + (F.silu(hm[:, :Fm]) * hm[:, Fm:]) @ w2.float().t()
-    for cfg in [K.MLP_CONFIG, (16, 64, 32, 2, 4, 64), (64, 256, 128, 8, 8, 256)]:
-        r = resm.clone()
-        y = K.mlp(xm, (wnm, 1e-5), w13, w2, r, out=r, config=cfg)
-        assert y.data_ptr() == r.data_ptr()
-        errs[f"mlp {cfg}"] = rel(y, want)
-    r = resm.clone()
-    gu = K.gemv(xm, K.DENSE, w13, None, norm=(wnm, 1e-5), config=(1, 2, 128, 1, False))
-    unfused = K.gemv(gu, K.DENSE, w2, None, residual=r, out=r, glu=True, config=(1, 2, 256, 4, False))
-    errs["mlp against the two products"] = rel(K.mlp(xm, (wnm, 1e-5), w13, w2, resm), unfused)
     # the fused QKV + RoPE kernel equals the unfused kernels bit for bit (asserted above); against
     # float32 its error is that of the bfloat16 RMSNorm (~1%, as "rms_norm" above) carried through
     # the product, so it gets twice the tolerance
-    # the MLP's likewise (its RMSNorm and gate|up rounded to bfloat16, which the interpreter
-    # truncates: ~0.8% there)
-    bad = {k: v for k, v in errs.items()
-           if not v < (2 * tol if k.startswith(("qkv rope fused", "int8", "mlp (")) else tol)}
+    bad = {k: v for k, v in errs.items() if not v < (2 * tol if k.startswith(("qkv rope fused", "int8")) else tol)}
     assert not bad, bad
     return errs
 

@@ -64,12 +64,6 @@ class TorchOps:
         """``linear(rms_norm(x, weight, eps), layer)``."""
         return self.linear(self.rms_norm(x, weight, eps), layer, out_dtype=out_dtype)
 
-    def mlp(self, x: torch.Tensor, weight: torch.Tensor, eps: float, w13: torch.nn.Module,
-            w2: torch.nn.Module) -> torch.Tensor:
-        """``x + w2(silu(gate) * up)`` with gate|up = ``w13(rms_norm(x, weight, eps))``."""
-        gu = self.norm_linear(x, weight, eps, w13)  # (B, 2 ffn)
-        return self.linear(gu, w2, residual=x, glu=True)
-
     def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         """``rope_store(norm_linear(x, weight, eps, layer), pos, ...)``: the rotated queries (B, H, D)."""
         qkv = self.norm_linear(x, weight, eps, layer)
@@ -106,12 +100,10 @@ class TritonOps(TorchOps):
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
     ``fuse_combine``: attention in one kernel, the splits combined by the last split program of
     each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
-    ``fuse_mlp``: one row's dense MLP as one kernel (gate|up and down together) and a partial-sum
-    kernel (:func:`~driftwood.model.cuda.kernels.mlp`) instead of two products.
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False, fuse_combine: bool = False, fuse_mlp: bool = False) -> None:
+                 pdl: bool = False, fuse_combine: bool = False) -> None:
         from driftwood.model.cuda import kernels
 
         self.k = kernels
@@ -120,7 +112,6 @@ class TritonOps(TorchOps):
         self.fuse_rope = fuse_rope
         self.pdl = pdl
         self.fuse_combine = fuse_combine
-        self.fuse_mlp = fuse_mlp
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -150,12 +141,6 @@ class TritonOps(TorchOps):
         if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
             return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl)
         return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
-
-    def mlp(self, x, weight, eps, w13, w2):
-        if (self.fuse_mlp and x.shape[0] == 1 and isinstance(w13, DenseLinear) and isinstance(w2, DenseLinear)
-                and w13.weight.dtype == x.dtype):
-            return self.k.mlp(x, (weight, eps), w13.weight, w2.weight, x, out=x)
-        return super().mlp(x, weight, eps, w13, w2)
 
     def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         args = self._gemv_args(x, layer)
@@ -194,7 +179,8 @@ class DecodeStep:
                              *self.dims)  # (B, H, D); k, v written at pos
             a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
             x = ops.linear(a, layer.attn.wo, residual=x)
-            x = ops.mlp(x, layer.ffn_norm, layer.eps, layer.mlp.w13, layer.mlp.w2)
+            gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
+            x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
         return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
 
 
