@@ -219,9 +219,9 @@ def render_int8_sweep(results: list[dict[str, Any]]) -> str:
     (µs in a CUDA graph) beside dequantize + cuBLAS, and the step's products (16 layers + the head)."""
     out = []
     shapes = ["qkv", "o", "gate_up", "down", "head"]
+    fmt_name = {2: "Q4_0", 1: "Q8_0"}
     for data in results:
         rows = []
-        fmt_name = {2: "Q4_0", 1: "Q8_0"}
         for t in data.get("totals", []):
             cells = []
             for shape in shapes:

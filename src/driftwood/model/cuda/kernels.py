@@ -287,8 +287,9 @@ def _qgemv_t_kernel(x_ptr, w_ptr, s_ptr, res_ptr, out_ptr, nw_ptr, eps, ma, mb, 
 #
 # x is quantized per 32-column group to int8 (scale d = max|x| / 127, round to nearest) and the
 # group's products summed in int32 against the weights' codes; the group's float sum is then
-# d_w * d * isum (Q8_0) or d_w * d * (isum - 8 * sum(q)) (Q4_0, whose nibbles are unsigned). The
-# same arithmetic as llama.cpp's Q8_1 activations (its MMVQ and MMQ kernels).
+# d_w * d * isum, with Q4_0's unsigned nibbles made signed first (q - 8: the int8 dots) or their
+# offset subtracted after, isum - 8 * sum(q) (dp4a). The same arithmetic as llama.cpp's Q8_1
+# activations (its MMVQ and MMQ kernels).
 
 
 @triton.jit
