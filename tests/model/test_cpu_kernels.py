@@ -26,6 +26,13 @@ def random_blocks(n: int, k: int, bits: int, gen: torch.Generator) -> Blocks:
     return Blocks(q, scale, offset, 32)
 
 
+def inverse_scale(amax: torch.Tensor) -> torch.Tensor:
+    """127 / amax (0 where amax is 0) divided in float32 as gemv.cpp divides: torch's
+    ``127.0 / t`` is ``reciprocal(t) * 127``, two roundings, at times an ulp away, which moves an
+    activation off or onto a rounding tie (hypothesis found one: code -65 for the kernel's -64)."""
+    return torch.where(amax > 0, torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, 1.0), 0.0)
+
+
 def model_of_kernel(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """What the kernel computes: activations rounded to int8 per block of 32 as gemv.cpp does
     it, in float32 (code = round-half-even(x * (127 / max|x|)), scale max|x| / 127; float64
@@ -34,22 +41,8 @@ def model_of_kernel(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     m, k = x.shape
     xb = x.float().view(m, k // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
-    xq = torch.round(xb * inv).double() * (amax / 127.0).double()
+    xq = torch.round(xb * inverse_scale(amax)).double() * (amax / 127.0).double()
     return xq.view(m, k) @ blocks.dequantize(torch.float64).T
-
-
-def tie_slack(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """|one activation code| x |w| summed over the activations that sit exactly halfway between
-    two codes: a tie may round either way (hypothesis found one that the kernel rounded the
-    other way from torch.round), every other code is exact."""
-    m, k = x.shape
-    xb = x.float().view(m, k // 32, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    v = xb * torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
-    ties = (v - v.floor()) == 0.5
-    step = ties.double() * (amax / 127.0).double()
-    return step.view(m, k) @ blocks.dequantize(torch.float64).abs().T
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,7 +52,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 9), n=st.integers(1, 70), groups=st.integers(1, 20), bits=st.sampled_from([4, 8]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
-@example(m=1, n=1, groups=20, bits=8, dtype=torch.float32, seed=18)  # a tie rounded the other way (CI)
+# two cases CI found where the model was off by a code (torch's 127 / amax an ulp away: inverse_scale)
+@example(m=1, n=1, groups=20, bits=8, dtype=torch.float32, seed=18)
+@example(m=3, n=26, groups=18, bits=4, dtype=torch.float32, seed=279)
 def test_gemv_is_the_block_quantized_product(m, n, groups, bits, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     k = 32 * groups
@@ -71,7 +66,7 @@ def test_gemv_is_the_block_quantized_product(m, n, groups, bits, dtype, seed):
     exact = model_of_kernel(x.float(), blocks)
     scale = exact.abs().max().clamp(min=1e-30)
     limit = 1e-5 if dtype == torch.float32 else 1e-2
-    assert bool(((y.double() - exact).abs() <= limit * scale + tie_slack(x.float(), blocks)).all())
+    assert bool(((y.double() - exact).abs() <= limit * scale).all())
 
 
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (49152 // 64, 576), (100, 2048)])
