@@ -81,16 +81,6 @@ class TorchOps:
         v_cache[rows, :, pos] = qkv[:, (n_heads + n_kv_heads) * head_dim :].view(B, n_kv_heads, head_dim)
         return qk[:, :n_heads]
 
-    def layer(self, x, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-        """One decoder layer of the step: x (B, dim) -> the next x; the layer's key and value
-        written into ``k_cache``, ``v_cache`` (B, n_kv_heads, capacity, head_dim) at pos."""
-        q = self.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, inv_freq, k_cache, v_cache,
-                          n_heads, n_kv_heads, head_dim)  # (B, H, D)
-        a = self.attention(q, k_cache, v_cache, pos)  # (B, H D)
-        x = self.linear(a, layer.attn.wo, residual=x)
-        gu = self.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
-        return self.linear(gu, layer.mlp.w2, residual=x, glu=True)
-
     def attention(self, q, k_cache, v_cache, pos):
         B, H, D = q.shape
         Hkv, cap = k_cache.shape[1], k_cache.shape[2]
@@ -110,35 +100,18 @@ class TritonOps(TorchOps):
     one row a program. ``pdl``: the Triton kernels launched with programmatic dependent launch.
     ``fuse_combine``: attention in one kernel, the splits combined by the last split program of
     each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
-    ``persistent``: at one row on dense weights, each layer as one persistent kernel
-    (:mod:`driftwood.model.cuda.persistent`; ``persistent_config`` its tiles).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
-                 pdl: bool = False, fuse_combine: bool = False, persistent: bool = False,
-                 persistent_config: tuple | None = None) -> None:
+                 pdl: bool = False, fuse_combine: bool = False) -> None:
         from driftwood.model.cuda import kernels
-        from driftwood.model.cuda import persistent as pk
 
-        self.k, self.pk = kernels, pk
+        self.k = kernels
         self.dense = dense
         self.fuse_norm = fuse_norm
         self.fuse_rope = fuse_rope
         self.pdl = pdl
         self.fuse_combine = fuse_combine
-        self.persistent = persistent
-        self.persistent_config = tuple(persistent_config or pk.CONFIG)
-
-    def layer(self, x, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-        ws = (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)
-        if (self.persistent and x.shape[0] == 1 and all(isinstance(w, DenseLinear) for w in ws)
-                and k_cache.dtype == x.dtype
-                and self.pk.supports(x.shape[1], layer.mlp.w2.weight.shape[1], n_heads * head_dim, head_dim,
-                                     self.persistent_config)):
-            return self.pk.layer(x.contiguous(), layer.attn_norm, *(w.weight for w in ws[:2]), layer.ffn_norm,
-                                 *(w.weight for w in ws[2:]), layer.eps, pos, inv_freq, k_cache, v_cache, n_heads,
-                                 n_kv_heads, head_dim, config=self.persistent_config)
-        return super().layer(x, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
@@ -202,7 +175,12 @@ class DecodeStep:
         B = tokens.shape[0]
         x = t.embed(tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
-            x = ops.layer(x, layer, pos, t.inv_freq, k[i, :B], v[i, :B], *self.dims)
+            q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
+                             *self.dims)  # (B, H, D); k, v written at pos
+            a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
+            x = ops.linear(a, layer.attn.wo, residual=x)
+            gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
+            x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
         return ops.norm_linear(x, t.norm, t.config.norm_eps, t.output, out_dtype=torch.float32)
 
 

@@ -915,18 +915,11 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, cnt_ptr, out
                        H: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
                        F32: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)  # KV head
+    s = tl.program_id(2)  # split of the sequence
     _pdl_start(PDL)
     _pdl_wait(PDL)
-    _attn_split(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr,
-                cnt_ptr, out_ptr, sc_b, sc_h, sc_t, scale, H, REP, REP_P, D, SPLIT, NSPLIT, BLOCK_T, F32, COMBINE)
-
-
-@triton.jit
-def _attn_split(b, g, s, q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, cnt_ptr, out_ptr, sc_b, sc_h, sc_t, scale,
-                H: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
-                NSPLIT: tl.constexpr, BLOCK_T: tl.constexpr, F32: tl.constexpr, COMBINE: tl.constexpr):
-    """Split s of row b's sequence against KV head g: the REP query heads' partial output, max
-    and denominator; with COMBINE the last split of (b, g) to finish combines them into out."""
     length = tl.load(pos_ptr + b) + 1
     start = s * SPLIT
     end = tl.minimum(start + SPLIT, length)
