@@ -83,6 +83,7 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
     for data in results:
         m = data["model"]
         reads = all("file_read_ms" in r for r in data["rows"])  # files of 2026-11-22 and later
+        checked = all("verified_read_ms" in r for r in data["rows"])  # later still
         rows = []
         for r in data["rows"]:
             rows.append([
@@ -91,6 +92,7 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
                 f"{r['speedup_dir']:,.0f}×", f"{r['speedup_mem']:,.0f}×", num(r["bandwidth_ms"], 2),
                 f"{r['dir_vs_bandwidth']:.2f}", f"{r['mem_vs_bandwidth']:.2f}", f"{r['engine_copy_vs_bandwidth']:.2f}",
                 *([num(r["file_read_ms"], 2), f"{r['dir_vs_file_read']:.2f}"] if reads else []),
+                *([num(r["verified_read_ms"], 2), f"{r['dir_vs_verified_read']:.2f}"] if checked else []),
                 "yes" if r["exact"] else "**no**",
             ])
         out.append(f"**{m['file']}** ({m['dtype']}, {m['kv_bytes_per_token']:,} bytes of KV per token; "
@@ -98,7 +100,8 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
         out.append(table(["tokens", "save ms", "restore dir ms", "restore mem ms", "engine copy ms", "MB",
                           "recompute ms", "speedup dir", "speedup mem", "bytes÷bw ms", "dir ÷ (bytes÷bw)",
                           "mem ÷ (bytes÷bw)", "copy ÷ (bytes÷bw)",
-                          *(["file read ms", "dir ÷ file read"] if reads else []), "exact"], rows))
+                          *(["file read ms", "dir ÷ file read"] if reads else []),
+                          *(["read+xxh3 ms", "dir ÷ (read+xxh3)"] if checked else []), "exact"], rows))
         inc = [[f"{i['tokens']:,}", str(i["new_tokens"]), num(i["save_ms"], 1), f"{i['bytes_written']:,}",
                 str(i["objects_written"]), str(i["chunks_reused"])] for i in data["incremental"]]
         out.append("\nSaving again after new tokens (only the new chunk, the logits and the manifest):\n")
@@ -248,7 +251,27 @@ def render_int8_sweep(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_restore_profile(results: list[dict[str, Any]]) -> str:
+    out = []
+    for data in results:
+        rows = data["rows"]
+        timed = [[name, num(r["median_ms"], 2), num(r["min_ms"], 2)] for name, r in rows.items() if "median_ms" in r]
+        out.append(f"{data['tokens']:,} tokens of **{data['model']}** in {data['files']} chunk files "
+                   f"({data['bytes'] / 1e6:,.1f} MB), {data['environment']['torch_threads']} threads:\n")
+        out.append(table(["what", "median ms", "min ms"], timed))
+        parts = {name.removeprefix("breakdown, "): r for name, r in rows.items() if name.startswith("breakdown, ")}
+        if parts:
+            keys = list(next(iter(parts.values())))
+            out.append("\nOne restore (`load_session`, with `new_session` before it) part by part, host clock, "
+                       "mean of 10 (each part timed through a wrapper, so the total runs a little slower):\n")
+            out.append(table(["part", *(f"ms, {k}" for k in parts)],
+                             [[k, *(num(p.get(k), 3) for p in parts.values())] for k in keys]))
+        out.append("\n" + source_line(data) + "\n")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "restore-profile": render_restore_profile,
     "int8-sweep": render_int8_sweep,
     "step-profile": render_step_profile,
     "gpu-engine-check": render_engine_check,

@@ -31,14 +31,20 @@ def timed(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def main() -> int:
-    model = load_model(sys.argv[1], device="cuda", progress=False)
+def saved_session(path: str):
+    """The model at ``path`` on CUDA, a session of N tokens on it, and that session saved as "s"
+    in a new DirectoryStore: (model, session, store, its record)."""
+    model = load_model(path, device="cuda", progress=False)
     ids = [(i * 7919) % 100000 + 5 for i in range(N)]
     live = model.new_session(capacity=N + 64, seed=0)
     logits = live.prefill(ids)
     store = DirectoryStore(Path(tempfile.mkdtemp()) / "s", create=True)
     save_session(store, "s", live, logits=logits)
-    rec = store.manifest("s").sessions[0]
+    return model, live, store, store.manifest("s").sessions[0]
+
+
+def main() -> int:
+    model, live, store, rec = saved_session(sys.argv[1])
     memory = MemoryStore(pinned=True)
     memory.load(store, "s")
     state = {k: v.to("cpu").pin_memory() for k, v in live.kv_state().items()}

@@ -40,6 +40,7 @@ from driftwood.snapshot.format import (
     CHUNK_TOKENS,
     KV_DTYPES,
     Chunk,
+    ChunkHeaders,
     Digester,
     KVLayout,
     Manifest,
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 
 READ_GROUP = 256 << 10  # bytes read per preadv on restore: hashed while still in cache
 STAGE_BYTES = 512 << 20  # at most this much of chunk files per staging buffer (CUDA, converting)
+WAKE_THREADS = True  # native.wake() before a restore from files (measured: bench:restore-profile)
+STREAM_STEP = 4 << 20  # CUDA restores from files: payload bytes a host-to-device copy, queued as they are read
 
 
 @dataclass
@@ -360,9 +363,17 @@ def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -
         view = r.view() if store.verified and r.size == rec.logits.size else None
         if view is not None:  # in memory and vouched for: read in place, copied once below
             got, values = bytes(view[: len(head)].numpy()), view[len(head) :].view(torch.float32)
-    if view is None:
-        data = read_object(store, rec.logits, signed)
-        got, values = data[: len(head)], torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.float32)
+    if view is None:  # read once, straight into the tensor
+        values = torch.empty(model.config.vocab_size, dtype=torch.float32)
+        with store.reader(rec.logits.key) as r:
+            if r.size != rec.logits.size:
+                raise SnapshotError(f"{rec.logits.key}: {r.size} bytes, the manifest says {rec.logits.size} (truncated?)")
+            if r.size != len(head) + values.nbytes:
+                raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
+            got = r.read(0, len(head))
+            r.readinto(len(head), [values.numpy()])
+        if not store.verified:
+            check_object(rec.logits, [got, values.numpy()], signed)
     if got != head:
         raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
     return values.to(model.device, copy=view is not None, non_blocking=values.is_pinned())
@@ -382,8 +393,9 @@ class _ChunkLoader:
     Otherwise (CUDA, or another dtype) through :meth:`_place`: straight from a (pinned) memory
     store, every copy issued before the checks, or from staging buffers (pinned on CUDA, two in
     turn so that reading the next files overlaps the copies of the last): a directory store's
-    files read whole by the native reader, a group of files per call, else a chunk at a time
-    here. Either way the session's cache is written before the last check, but the session only
+    files read whole by the native reader, a group of files per call, each payload copied to
+    the GPU as it arrives (:func:`native.read_files_to_gpu`), else a chunk at a time here.
+    Either way the session's cache is written before the last check, but the session only
     holds the tokens (:meth:`finish`) once every check passed.
     """
 
@@ -411,12 +423,16 @@ class _ChunkLoader:
         files through the native reader where it is built: every file in one call (``direct``)
         or whole files into staging a group at a time. Otherwise, and for signed restores from
         files (their sha256 is hashlib's), one chunk at a time here."""
+        headers_of = ChunkHeaders(self.rec.model.identity, self.rec.kv)
+
         def header(chunk: Chunk, parent: str) -> bytes:
-            return chunk_header(self.rec.model.identity, self.rec.kv, parent, chunk.start, chunk.count)
+            return headers_of(parent, chunk.start, chunk.count)
 
         def headers() -> list[bytes]:
             return [header(c, p) for c, p in zip(chunks, parents, strict=True)]
 
+        if WAKE_THREADS and self.verify and not self.signed and native.module() is not None:
+            native.wake()  # the reader's threads, while the files are opened and the headers built
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
             for chunk, r in zip(chunks, readers, strict=True):
@@ -450,7 +466,8 @@ class _ChunkLoader:
                       header: Any) -> None:
         """Whole files into staging, a group of files per native call (one file per thread, as
         many as there are threads, at most STAGE_BYTES), each file checked, then its payload
-        placed (copied to the device) while the next group is read."""
+        placed. On CUDA each reading thread queues its file's payload for the device as it
+        arrives (:func:`native.read_files_to_gpu`), and the payloads are placed once checked."""
         per_group = max(2, torch.get_num_threads())
         groups: list[list[int]] = [[]]
         size = 0
@@ -461,24 +478,47 @@ class _ChunkLoader:
             groups[-1].append(i)
             size += chunk.obj.size
         need = max(sum(chunks[i].obj.size for i in g) for g in groups)
+        tb = self.rec.kv.token_bytes
         for group in groups:
             buf = self._staging(need)
             spans, at = [], 0
             for i in group:
                 spans.append((at, chunks[i].obj.size))
                 at += chunks[i].obj.size
-            got = native.read_files([(readers[i].fileno(), buf[o : o + n])  # type: ignore[misc]
-                                     for i, (o, n) in zip(group, spans, strict=True)])
-            for i, (o, n), (digest, error) in zip(group, spans, got, strict=True):
-                chunk, where = chunks[i], self._where(chunks[i])
-                self._check_read(where, error)
-                self._check_digest(chunk, digest)
-                expected = header(chunk, parents[i])
-                h, payload = len(expected), chunk.count * self.rec.kv.token_bytes
-                self._check_header(where, bytes(buf[o : o + h].numpy()), expected)
-                self._check_ids(chunk, buf[o + h + payload : o + n].numpy().view("<i4"))
-                self._place(buf[o + h : o + h + payload], chunk.start, chunk.start + chunk.count)
+            files = [(readers[i].fileno(), buf[o : o + n]) for i, (o, n) in zip(group, spans, strict=True)]
+            expected = [header(chunks[i], parents[i]) for i in group]
+            try:
+                if self.cuda:  # each payload queued for the device by its reader as it arrives
+                    payloads = [self._payload(chunks[i], len(h), n)
+                                for i, (_, n), h in zip(group, spans, expected, strict=True)]
+                    got = native.read_files_to_gpu(files, payloads, native.cuda_driver(self.device),  # type: ignore[arg-type]
+                                                   STREAM_STEP)
+                else:
+                    got = native.read_files(files)  # type: ignore[arg-type]
+                for i, (o, n), h, (digest, error) in zip(group, spans, expected, got, strict=True):
+                    chunk, where = chunks[i], self._where(chunks[i])
+                    self._check_read(where, error)
+                    self._check_digest(chunk, digest)
+                    payload = chunk.count * tb
+                    self._check_header(where, bytes(buf[o : o + len(h)].numpy()), h)
+                    self._check_ids(chunk, buf[o + len(h) + payload : o + n].numpy().view("<i4"))
+                    if self.cuda:
+                        self.placed.append((chunk.start, chunk.start + chunk.count))
+                    else:
+                        self._place(buf[o + len(h) : o + len(h) + payload], chunk.start, chunk.start + chunk.count)
+            except BaseException:
+                if self.cuda:  # the copies queued from the staging buffer end before it is let go
+                    torch.cuda.current_stream(self.device).synchronize()
+                raise
             self._staged()
+
+    def _payload(self, chunk: Chunk, header_bytes: int, file_bytes: int) -> native.Payload:
+        """Where a chunk file's payload goes in :attr:`raw`: after the header the manifest
+        implies (a file that differs fails its checks; one too short for it copies nothing)."""
+        end = header_bytes + chunk.count * self.rec.kv.token_bytes
+        if end > file_bytes:
+            return native.Payload(self._raw(chunk.start, 0), 0, 0)
+        return native.Payload(self._raw(chunk.start, chunk.count), header_bytes, end)
 
     def _place_views(self, chunks: Sequence[Chunk], parents: Sequence[str], views: list[torch.Tensor],
                      header: Any) -> None:
@@ -522,6 +562,8 @@ class _ChunkLoader:
 
     @staticmethod
     def _check_read(where: str, error: int) -> None:
+        if error <= native.CUDA_ERROR:
+            raise SnapshotError(f"{where}: CUDA driver error {native.CUDA_ERROR - error} copying it to the device")
         if error:
             raise SnapshotError(f"{where}: the file ended early (truncated?)" if error < 0
                                 else f"{where}: {os.strerror(error)}")
@@ -539,12 +581,13 @@ class _ChunkLoader:
                                 "(corrupted or altered)")
 
     @functools.cached_property
-    def expected(self) -> np.ndarray:
-        """The manifest's token ids (built on first use: after the first copy has started)."""
-        return np.asarray(self.rec.tokens, dtype="<i4")
+    def expected(self) -> bytes:
+        """The manifest's token ids as int32 LE, as chunk files hold them (built on first use:
+        after the first copy has started)."""
+        return int32_bytes(self.rec.tokens)
 
     def _check_ids(self, chunk: Chunk, ids: np.ndarray) -> None:
-        if not np.array_equal(ids, self.expected[chunk.start : chunk.start + chunk.count]):
+        if ids.astype("<i4", copy=False).tobytes() != self.expected[4 * chunk.start : 4 * (chunk.start + chunk.count)]:
             raise SnapshotError(f"{self._where(chunk)} holds other tokens than the manifest")
 
     def load(self, chunk: Chunk, header: bytes) -> None:
@@ -626,11 +669,15 @@ class _ChunkLoader:
         if not self.cuda:
             self._scatter(host, t0, t1)
             return
-        if self.raw is None:
-            self.raw = torch.empty(self.rec.position * self.rec.kv.token_bytes, dtype=torch.uint8, device=self.device)
-        at = t0 * self.rec.kv.token_bytes
-        self.raw[at : at + host.numel()].copy_(host, non_blocking=True)
+        self._raw(t0, t1 - t0).copy_(host, non_blocking=True)
         self.placed.append((t0, t1))
+
+    def _raw(self, start: int, count: int) -> torch.Tensor:
+        """The device bytes of tokens [start, start + count) in :attr:`raw` (made on first use)."""
+        tb = self.rec.kv.token_bytes
+        if self.raw is None:
+            self.raw = torch.empty(self.rec.position * tb, dtype=torch.uint8, device=self.device)
+        return self.raw[start * tb : (start + count) * tb]
 
     def _scatter(self, src: torch.Tensor, t0: int, t1: int) -> None:
         """Payload bytes on the cache's device -> positions [t0, t1) of the cache."""

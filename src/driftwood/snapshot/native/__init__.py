@@ -14,13 +14,14 @@ with ``DRIFTWOOD_NATIVE=0``, :func:`module` is None and restores take the Python
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -106,6 +107,11 @@ def _built() -> ModuleType:
     return mod
 
 
+def wake() -> None:
+    """Wake torch's intra-op threads (they spin a while after running) ahead of a read."""
+    _built().wake()
+
+
 def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, row: int = 0) -> list[ChunkRead]:
     """Read whole chunk files (header | k planes | v planes | int32 ids) into the cache, each
     hashed with xxh3-128 as it is read."""
@@ -144,3 +150,78 @@ def copy_chunks(payloads: Sequence[tuple[torch.Tensor, Span]], k: torch.Tensor, 
             raise ValueError("a payload must be a contiguous uint8 CPU tensor holding both sides of its chunk")
     mod.copy_chunks([p.data_ptr() for p, _ in payloads], [s.start for _, s in payloads],
                     [s.count for _, s in payloads], *cache)
+
+
+CUDA_ERROR = -1000  # chunks.cpp's kCudaError: a status of CUDA_ERROR - r is the driver's error r
+
+
+@dataclass(frozen=True)
+class Driver:
+    """What :func:`read_files_to_gpu` queues its copies with, as addresses: the CUDA driver's
+    ``cuCtxSetCurrent`` and ``cuMemcpyHtoDAsync_v2`` (or functions of those signatures), the
+    context the reading threads make current, and the stream the copies go on."""
+
+    set_context: int
+    copy: int
+    context: int
+    stream: int
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def cuda_driver(device: torch.device) -> Driver:
+    """The driver's entry points, ``device``'s primary context (the one torch's runtime calls
+    use) and torch's current stream on ``device``."""
+    lib = _libcuda()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    handle, ctx = ctypes.c_int(), ctypes.c_void_p()
+    if lib.cuDeviceGet(ctypes.byref(handle), index) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), handle):
+        raise RuntimeError(f"no CUDA context for device {index}")
+    lib.cuDevicePrimaryCtxRelease(handle)  # torch's runtime holds it too: it stays alive
+
+    def address(fn: Any) -> int:
+        return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+    return Driver(address(lib.cuCtxSetCurrent), address(lib.cuMemcpyHtoDAsync_v2), ctx.value or 0,
+                  torch.cuda.current_stream(device).cuda_stream)
+
+
+class Payload(NamedTuple):
+    """File bytes ``[begin, end)`` that go to ``dst`` (contiguous uint8, ``end - begin`` bytes;
+    device memory for the real driver)."""
+
+    dst: torch.Tensor
+    begin: int
+    end: int
+
+
+def read_files_to_gpu(files: Sequence[tuple[int, torch.Tensor]], payloads: Sequence[Payload], driver: Driver,
+                      step: int) -> list[tuple[str, int]]:
+    """:func:`read_files`, and each file's payload queued for its ``dst`` by the thread that
+    reads the file: a copy as soon as ``step`` bytes of it are in the host buffer (the rest
+    after the file's last piece), before they are hashed. When the call returns every copy is
+    queued on ``driver.stream``, none is known to be done, and the host buffers must stay
+    untouched until the stream has passed them. A status below -1 is :data:`CUDA_ERROR` minus
+    the driver's error. The host buffers must be pinned for the copies to be asynchronous."""
+    mod = _built()
+    if len(payloads) != len(files):
+        raise ValueError("one payload a file")
+    for (_, buf), p in zip(files, payloads, strict=True):
+        if buf.device.type != "cpu" or buf.dtype != torch.uint8 or not buf.is_contiguous():
+            raise ValueError("a destination must be a contiguous uint8 CPU tensor")
+        if not 0 <= p.begin <= p.end <= buf.numel():
+            raise ValueError(f"payload [{p.begin}, {p.end}) outside its {buf.numel()}-byte file")
+        if p.dst.dtype != torch.uint8 or not p.dst.is_contiguous() or p.dst.numel() != p.end - p.begin:
+            raise ValueError("a payload's destination must be contiguous uint8 of its length")
+        if p.dst.device.type == "cuda" and not buf.is_pinned():
+            raise ValueError("copies to the GPU read from pinned host buffers")
+    if step < 1:
+        raise ValueError("step must be at least one byte")
+    digests, errors = mod.read_files_to_gpu(
+        [fd for fd, _ in files], [b.data_ptr() for _, b in files], [b.numel() for _, b in files],
+        [p.dst.data_ptr() for p in payloads], [p.begin for p in payloads], [p.end for p in payloads],
+        driver.set_context, driver.copy, driver.context, driver.stream, step)
+    return [(d.hex(), e) for d, e in zip(digests, errors, strict=True)]

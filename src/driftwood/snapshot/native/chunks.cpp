@@ -12,8 +12,9 @@
 // the writer). Planes are read with preadv about 256 KiB at a time and hashed while still in the
 // core's cache. copy_chunks: payloads already in memory (checked when they were loaded) ->
 // planes. read_files: whole files into host buffers as they are (the staging of a restore into
-// a GPU cache or another dtype), hashed the same way. Work is spread over torch's intra-op
-// threads.
+// a GPU cache or another dtype), hashed the same way; read_files_to_gpu also queues each file's
+// payload for the GPU from the thread that reads it, a step at a time, so that the
+// host-to-device copies overlap the reads. Work is spread over torch's intra-op threads.
 //
 // Nothing here trusts the data: the caller (driftwood/snapshot/native/__init__.py) validates
 // every address range before the call, and compares each header, digest and token id with the
@@ -133,14 +134,49 @@ int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes
   return 0;
 }
 
-// The whole file (size bytes) into dest, hashed with xxh3-128 kGroupBytes at a time.
-int read_file(int fd, uint8_t* dest, int64_t size, uint8_t digest[16]) {
+// Copies to the GPU queued by the reading threads themselves, through CUDA driver entry points
+// that the caller hands in (this file builds without CUDA): cuCtxSetCurrent and
+// cuMemcpyHtoDAsync_v2, onto one stream of one context. The source must be pinned memory for
+// the copies to be asynchronous.
+struct Gpu {
+  int (*set_context)(void* ctx);
+  int (*copy)(uint64_t dst, const void* src, size_t n, void* stream);
+  void* context;
+  void* stream;
+  int64_t step;  // bytes a copy, at least, until the file's last piece
+};
+
+// A file's payload bytes [begin, end) go to device address dst as they are read.
+struct Payload {
+  uint64_t dst;
+  int64_t begin, end;
+};
+
+constexpr int kCudaError = -1000;  // a status of kCudaError - r: the driver's error r
+
+// The whole file (size bytes) into dest, hashed with xxh3-128 kGroupBytes at a time. With gpu
+// and payload, each run of payload bytes is queued for the device once step of them are in
+// dest (the rest after the last piece), before they are hashed.
+int read_file(int fd, uint8_t* dest, int64_t size, const Gpu* gpu, const Payload* payload, uint8_t digest[16]) {
   Xxh3 hash;
   std::vector<iovec> iov;
+  int64_t queued = payload ? payload->begin : 0;
+  if (gpu != nullptr && payload != nullptr) {
+    if (int r = gpu->set_context(gpu->context)) return kCudaError - r;
+  }
   for (int64_t offset = 0; offset < size; offset += kGroupBytes) {
     const size_t n = static_cast<size_t>(std::min<int64_t>(kGroupBytes, size - offset));
     iov.assign({{dest + offset, n}});
     if (int err = read_all(fd, iov, offset)) return err;
+    if (gpu != nullptr && payload != nullptr) {
+      const int64_t ready = std::min<int64_t>(offset + static_cast<int64_t>(n), payload->end);
+      if (ready - queued >= gpu->step || (offset + static_cast<int64_t>(n) == size && ready > queued)) {
+        const uint64_t at = payload->dst + static_cast<uint64_t>(queued - payload->begin);
+        if (int r = gpu->copy(at, dest + queued, static_cast<size_t>(ready - queued), gpu->stream))
+          return kCudaError - r;
+        queued = ready;
+      }
+    }
     hash.update(dest + offset, n);
   }
   hash.digest(digest);
@@ -148,7 +184,8 @@ int read_file(int fd, uint8_t* dest, int64_t size, uint8_t digest[16]) {
 }
 
 // read(c, digest of file c) for every file on torch's threads -> the Python result
-// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early) or errno]).
+// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early), errno, or
+// kCudaError minus a CUDA driver error]).
 py::tuple read_each(size_t n, const std::function<int(size_t, uint8_t*)>& read) {
   std::vector<uint8_t> digests(16 * n);
   std::vector<int> status(n);
@@ -187,7 +224,33 @@ py::tuple read_files(std::vector<int> fds, std::vector<uintptr_t> dests, std::ve
   if (dests.size() != n || sizes.size() != n)
     throw std::invalid_argument("read_files: one destination and size per file");
   return read_each(n, [&](size_t c, uint8_t* digest) {
-    return read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], digest);
+    return read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], nullptr, nullptr, digest);
+  });
+}
+
+// read_files, each file's payload [begins[c], ends[c]) also queued for device address dsts[c]
+// as it arrives (Gpu above: the entry points, context and stream as integers). A status below
+// -1 is kCudaError minus the driver's error.
+py::tuple read_files_to_gpu(std::vector<int> fds, std::vector<uintptr_t> dests, std::vector<int64_t> sizes,
+                            std::vector<uint64_t> dsts, std::vector<int64_t> begins, std::vector<int64_t> ends,
+                            uintptr_t set_context, uintptr_t copy, uintptr_t context, uintptr_t stream,
+                            int64_t step) {
+  const size_t n = fds.size();
+  if (dests.size() != n || sizes.size() != n || dsts.size() != n || begins.size() != n || ends.size() != n)
+    throw std::invalid_argument("read_files_to_gpu: one destination, size and payload per file");
+  if (set_context == 0 || copy == 0 || step < 1)
+    throw std::invalid_argument("read_files_to_gpu: no driver entry points, or a step below 1");
+  const Gpu gpu{reinterpret_cast<int (*)(void*)>(set_context),
+                reinterpret_cast<int (*)(uint64_t, const void*, size_t, void*)>(copy),
+                reinterpret_cast<void*>(context), reinterpret_cast<void*>(stream), step};
+  std::vector<Payload> payloads(n);
+  for (size_t c = 0; c < n; ++c) {
+    if (begins[c] < 0 || begins[c] > ends[c] || ends[c] > sizes[c])
+      throw std::invalid_argument("read_files_to_gpu: a payload outside its file");
+    payloads[c] = {dsts[c], begins[c], ends[c]};
+  }
+  return read_each(n, [&](size_t c, uint8_t* digest) {
+    return read_file(fds[c], reinterpret_cast<uint8_t*>(dests[c]), sizes[c], &gpu, &payloads[c], digest);
   });
 }
 
@@ -209,8 +272,18 @@ void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, s
   });
 }
 
+// Every one of torch's intra-op threads runs once and returns: a restore calls this before its
+// Python set-up (opening files, building the expected headers), so that the threads are awake,
+// spinning, when the reads are handed out, instead of sleeping in the kernel after an idle spell.
+void wake() {
+  parallel(static_cast<size_t>(at::get_num_threads()), [](size_t) {});
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wake", &wake, "Run every intra-op thread once (chunks.cpp)");
   m.def("read_chunks", &read_chunks, "Read and hash KV chunk files into a CPU cache (chunks.cpp)");
   m.def("read_files", &read_files, "Read and hash whole files into host buffers (chunks.cpp)");
+  m.def("read_files_to_gpu", &read_files_to_gpu,
+        "read_files, queuing each file's payload for the GPU as it arrives (chunks.cpp)");
   m.def("copy_chunks", &copy_chunks, "Copy in-memory KV chunk payloads into a CPU cache (chunks.cpp)");
 }
