@@ -191,3 +191,24 @@ def test_the_real_driver_puts_every_payload_on_the_device(tmp_path):
     pageable = [(-1, staging[: len(blobs[0])])]  # refused before any file is touched
     with pytest.raises(ValueError, match="pinned"):
         native.read_files_to_gpu(pageable, payloads[:1], native.cuda_driver(torch.device("cuda")), 1)
+
+
+@requires_cuda
+def test_without_the_driver_a_cuda_restore_from_files_copies_after_reading(tiny_path, tmp_path, monkeypatch):
+    """Where there is no CUDA driver to hand the readers (a ROCm build), the files are read
+    first and copied with torch: the same exact restore."""
+    from driftwood.model import load_model
+    from driftwood.snapshot.session import restore_session, save_session
+    from driftwood.snapshot.store import DirectoryStore
+    from tests.snapshot.conftest import prompt
+
+    model = load_model(str(tiny_path), device="cuda", progress=False)
+    store = DirectoryStore(tmp_path / "s", create=True)
+    live = model.new_session(capacity=1024, seed=3)
+    save_session(store, "s", live, logits=live.prefill(prompt(600)))
+    calls = []
+    monkeypatch.setattr(native, "cuda_driver", lambda device: calls.append(device))
+    restored = restore_session(store, "s", model)
+    assert calls and restored.session.tokens == live.tokens
+    for name in ("k", "v"):
+        assert torch.equal(restored.session.kv_state()[name], live.kv_state()[name])

@@ -487,12 +487,12 @@ class _ChunkLoader:
                 at += chunks[i].obj.size
             files = [(readers[i].fileno(), buf[o : o + n]) for i, (o, n) in zip(group, spans, strict=True)]
             expected = [header(chunks[i], parents[i]) for i in group]
+            driver = native.cuda_driver(self.device) if self.cuda else None
             try:
-                if self.cuda:  # each payload queued for the device by its reader as it arrives
+                if driver is not None:  # each payload queued for the device by its reader as it arrives
                     payloads = [self._payload(chunks[i], len(h), n)
                                 for i, (_, n), h in zip(group, spans, expected, strict=True)]
-                    got = native.read_files_to_gpu(files, payloads, native.cuda_driver(self.device),  # type: ignore[arg-type]
-                                                   STREAM_STEP)
+                    got = native.read_files_to_gpu(files, payloads, driver, STREAM_STEP)  # type: ignore[arg-type]
                 else:
                     got = native.read_files(files)  # type: ignore[arg-type]
                 for i, (o, n), h, (digest, error) in zip(group, spans, expected, got, strict=True):
@@ -502,7 +502,7 @@ class _ChunkLoader:
                     payload = chunk.count * tb
                     self._check_header(where, bytes(buf[o : o + len(h)].numpy()), h)
                     self._check_ids(chunk, buf[o + len(h) + payload : o + n].numpy().view("<i4"))
-                    if self.cuda:
+                    if driver is not None:  # already on its way
                         self.placed.append((chunk.start, chunk.start + chunk.count))
                     else:
                         self._place(buf[o + len(h) : o + len(h) + payload], chunk.start, chunk.start + chunk.count)

@@ -168,14 +168,22 @@ class Driver:
 
 
 @functools.cache
-def _libcuda() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
+def _libcuda() -> ctypes.CDLL | None:
+    if torch.version.hip is not None:  # ROCm builds name their devices "cuda" too
+        return None
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
 
 
-def cuda_driver(device: torch.device) -> Driver:
+def cuda_driver(device: torch.device) -> Driver | None:
     """The driver's entry points, ``device``'s primary context (the one torch's runtime calls
-    use) and torch's current stream on ``device``."""
+    use) and torch's current stream on ``device``; None where there is no CUDA driver to call
+    (then copy with torch after reading)."""
     lib = _libcuda()
+    if lib is None:
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     handle, ctx = ctypes.c_int(), ctypes.c_void_p()
     if lib.cuDeviceGet(ctypes.byref(handle), index) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), handle):
