@@ -127,7 +127,7 @@ def chunk_header(identity: str, kv: KVLayout, parent: str, start: int, count: in
 
 
 def chunk_size(identity: str, kv: KVLayout, parent: str, start: int, count: int) -> int:
-    return len(chunk_header(identity, kv, parent, start, count)) + count * (kv.token_bytes + 4)
+    return ChunkHeaders(identity, kv).size(parent, start, count)
 
 
 def _chunk_metadata(identity: str, kv: KVLayout, parent: str, start: str) -> dict[str, str]:
@@ -152,6 +152,10 @@ class ChunkHeaders:
         if parts is None or not _HEX32.fullmatch(parent) or start < 0:
             return chunk_header(self.identity, self.kv, parent, start, count)
         return _framed(f"{parts[0]}{parent}{parts[1]}{start}{parts[2]}")
+
+    def size(self, parent: str, start: int, count: int) -> int:
+        """The chunk file's bytes: header, k and v planes, int32 token ids."""
+        return len(self(parent, start, count)) + count * (self.kv.token_bytes + 4)
 
     def _template(self, count: int) -> tuple[str, str, str] | None:
         """The header's JSON cut around the parent's and the start's values (None when the
@@ -346,7 +350,7 @@ class SessionRecord:
             if count != min(kv.chunk_tokens, position - start):
                 raise SnapshotError(f"{cw}: holds {count} tokens, the layout puts "
                                     f"{min(kv.chunk_tokens, max(position - start, 0))} there")
-            expected = len(headers(parent, start, count)) + count * (kv.token_bytes + 4)
+            expected = headers.size(parent, start, count)
             if obj.size != expected:
                 raise SnapshotError(f"{cw}: claims {obj.size} bytes, the layout makes it {expected}")
             address = chunk_address(parent, tokens[start : start + count], obj.xxh3)

@@ -345,11 +345,15 @@ def check_object(obj: Obj, parts: Sequence[Any], signed: bool) -> None:
         raise SnapshotError(f"{obj.key}: checksum mismatch: the object is corrupted or was altered")
 
 
+def _check_size(obj: Obj, r: Reader) -> None:
+    if r.size != obj.size:
+        raise SnapshotError(f"{obj.key}: {r.size} bytes, the manifest says {obj.size} (truncated?)")
+
+
 def read_object(store: Store, obj: Obj, signed: bool) -> bytes:
     """The bytes of ``obj``, checked (the store's own word is enough for a verified store)."""
     with store.reader(obj.key) as r:
-        if r.size != obj.size:
-            raise SnapshotError(f"{obj.key}: {r.size} bytes, the manifest says {obj.size} (truncated?)")
+        _check_size(obj, r)
         data = r.read(0, r.size)
     if not store.verified:
         check_object(obj, [data], signed)
@@ -366,8 +370,7 @@ def _load_logits(store: Store, rec: SessionRecord, model: Model, signed: bool) -
     if view is None:  # read once, straight into the tensor
         values = torch.empty(model.config.vocab_size, dtype=torch.float32)
         with store.reader(rec.logits.key) as r:
-            if r.size != rec.logits.size:
-                raise SnapshotError(f"{rec.logits.key}: {r.size} bytes, the manifest says {rec.logits.size} (truncated?)")
+            _check_size(rec.logits, r)
             if r.size != len(head) + values.nbytes:
                 raise SnapshotError(f"{rec.logits.key}: not the logits file the manifest describes")
             got = r.read(0, len(head))
@@ -479,6 +482,7 @@ class _ChunkLoader:
             size += chunk.obj.size
         need = max(sum(chunks[i].obj.size for i in g) for g in groups)
         tb = self.rec.kv.token_bytes
+        driver = native.cuda_driver(self.device) if self.cuda else None
         for group in groups:
             buf = self._staging(need)
             spans, at = [], 0
@@ -487,7 +491,6 @@ class _ChunkLoader:
                 at += chunks[i].obj.size
             files = [(readers[i].fileno(), buf[o : o + n]) for i, (o, n) in zip(group, spans, strict=True)]
             expected = [header(chunks[i], parents[i]) for i in group]
-            driver = native.cuda_driver(self.device) if self.cuda else None
             try:
                 if driver is not None:  # each payload queued for the device by its reader as it arrives
                     payloads = [self._payload(chunks[i], len(h), n)

@@ -130,11 +130,19 @@ def read_files(files: Sequence[tuple[int, torch.Tensor]]) -> list[tuple[str, int
     each filled from its start to its end), each hashed with xxh3-128 as it is read. Returns
     (digest as hex, 0 / -1 when the file ended early / errno) per file."""
     mod = _built()
+    return _results(mod.read_files(*_file_args(files)))
+
+
+def _file_args(files: Sequence[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int], list[int]]:
+    """fds, destination addresses and sizes of whole-file reads, each destination checked."""
     for _, buf in files:
         if buf.device.type != "cpu" or buf.dtype != torch.uint8 or not buf.is_contiguous():
             raise ValueError("a destination must be a contiguous uint8 CPU tensor")
-    digests, errors = mod.read_files([fd for fd, _ in files], [b.data_ptr() for _, b in files],
-                                     [b.numel() for _, b in files])
+    return [fd for fd, _ in files], [b.data_ptr() for _, b in files], [b.numel() for _, b in files]
+
+
+def _results(got: tuple[list[bytes], list[int]]) -> list[tuple[str, int]]:
+    digests, errors = got
     return [(d.hex(), e) for d, e in zip(digests, errors, strict=True)]
 
 
@@ -217,9 +225,8 @@ def read_files_to_gpu(files: Sequence[tuple[int, torch.Tensor]], payloads: Seque
     mod = _built()
     if len(payloads) != len(files):
         raise ValueError("one payload a file")
+    args = _file_args(files)
     for (_, buf), p in zip(files, payloads, strict=True):
-        if buf.device.type != "cpu" or buf.dtype != torch.uint8 or not buf.is_contiguous():
-            raise ValueError("a destination must be a contiguous uint8 CPU tensor")
         if not 0 <= p.begin <= p.end <= buf.numel():
             raise ValueError(f"payload [{p.begin}, {p.end}) outside its {buf.numel()}-byte file")
         if p.dst.dtype != torch.uint8 or not p.dst.is_contiguous() or p.dst.numel() != p.end - p.begin:
@@ -228,8 +235,6 @@ def read_files_to_gpu(files: Sequence[tuple[int, torch.Tensor]], payloads: Seque
             raise ValueError("copies to the GPU read from pinned host buffers")
     if step < 1:
         raise ValueError("step must be at least one byte")
-    digests, errors = mod.read_files_to_gpu(
-        [fd for fd, _ in files], [b.data_ptr() for _, b in files], [b.numel() for _, b in files],
-        [p.dst.data_ptr() for p in payloads], [p.begin for p in payloads], [p.end for p in payloads],
-        driver.set_context, driver.copy, driver.context, driver.stream, step)
-    return [(d.hex(), e) for d, e in zip(digests, errors, strict=True)]
+    return _results(mod.read_files_to_gpu(
+        *args, [p.dst.data_ptr() for p in payloads], [p.begin for p in payloads], [p.end for p in payloads],
+        driver.set_context, driver.copy, driver.context, driver.stream, step))
