@@ -199,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, eighth pass: int8 activations (per 32-column group, as llama.cpp's Q8_1): at "
+    "graphs": ({}, {}, "2026-11-22, twelfth pass: BF16's one-row products through a CUDA C++ kernel (NVRTC), "
+               "launched with PDL, per-shape configurations from scripts/gpu/cuda_gemv_sweep.py: on the machine "
+               "that measured the Triton step at 1.24 and this kernel with PDL and one configuration at 1.14 "
+               "ms/token, ~1.115 (down's configuration -1.5 us a layer); the quantized files unchanged. Eighth pass: int8 activations (per 32-column group, as llama.cpp's Q8_1): at "
                "5-64 rows the wide products and the head (and Q8_0's down) as int8 tensor-core dots on the stored codes, "
                "at batch 1 Q4_0's qkv, o and gate_up through dp4a (scripts/gpu/int8_sweep.py): batch 64 Q8_0 ~2.15 ms a "
                "step (~30k tok/s, ~23x batch 1), Q4_0 ~2.4 ms (~26.5k, ~17.5x); batch 32 Q4_0 ~16.8k, Q8_0 ~17.3k; "
@@ -236,6 +239,11 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
+    "graphs-triton-gemv": ({}, {"cuda_gemv": False}, "twelfth pass: BF16's one-row products through the Triton "
+                           "kernel (the eleventh pass's step), for comparison with graphs in the same run"),
+    "graphs-cuda-gemv-no-pdl": ({}, {"cuda_pdl": False}, "twelfth pass: the CUDA C++ one-row kernel launched "
+                                "without PDL: measured first (default configuration) BF16 1.21 against 1.24 "
+                                "ms/token for the Triton kernel and 1.14 with PDL"),
     "graphs-triton-dense": ({"weights": "dense"}, {"dense": "triton"},
                             "BF16 only: the Triton GEMV on dense weights, within 10% of cuBLAS"),
     "graphs-unfused-norm": ({}, {"fuse_norm": False}, "RMSNorm as its own kernel before the QKV, gate|up "
@@ -251,7 +259,10 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                              "+15 to +40 us a token (p10 BF16 1.263 vs 1.226, Q4_0 0.733 vs 0.717, Q8_0 "
                              "0.899 vs 0.865): the serial combine at the kernel's tail costs more than the "
                              "launch it saves"),
-    "graphs-pdl": ({}, {"pdl": True}, "third pass: every Triton kernel of the step launched with programmatic "
+    "graphs-pdl": ({}, {"pdl": True}, "twelfth pass (the CUDA one-row kernel already launched with PDL): the "
+                   "Triton kernels (attention's split and combine) launched with it too, so the o product's weights "
+                   "are requested while attention ends: ~-1 us at 2 boundaries a layer, BF16 ~-30 us a token. Third "
+                   "pass: every Triton kernel of the step launched with programmatic "
                    "dependent launch, the GEMVs loading their weights before waiting on the previous kernel: "
                    "~-1.5 us a kernel boundary (~100 a token) on top of the fused RoPE: Q4_0 ~0.58, Q8_0 ~0.74, "
                    "BF16 ~1.14 ms"),

@@ -1,0 +1,383 @@
+"""Hand-written CUDA kernels, compiled at run time with NVRTC (the library that ships with
+torch's CUDA wheels, so no toolkit is needed) and launched through the driver on torch's
+current stream, which lets CUDA graphs capture them like any other kernel.
+
+:func:`gemv_row`: one row of x against a dense bfloat16/float16 matrix, ``out = x' @ W.T``,
+with what the decode step fuses into the product: RMSNorm of x (``norm``), ``silu(gate) * up``
+of a gate|up pair (``glu``), a residual, or RoPE and the KV-cache write of the QKV product
+(``rope``), the same functions and roundings as :func:`~driftwood.model.cuda.kernels.gemv`.
+Each block stages x once in shared memory (normalised, in float32, in the order the lanes read
+it: conflict-free 16-byte reads) while its first weights are already on the way; each warp then
+streams RPW consecutive rows, 16 bytes a lane a load, in pieces of up to 4 KB a warp with the
+next piece in flight while the current one is multiplied. The Triton kernel it replaces at one
+row recomputes the norm in every 1-warp program (docs/gpu.md, twelfth pass).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+struct __align__(16) V4 { u32 a, b, c, d; };
+struct __align__(16) F4 { float x, y, z, w; };
+
+__device__ __forceinline__ V4 ldw(const V4* p) {  // streamed once: no L1, 256-byte L2 prefetch
+  V4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+template <int DT> __device__ __forceinline__ float to_f(u16 h) {  // DT 0: bfloat16, 1: float16
+  return DT == 0 ? __uint_as_float(((u32)h) << 16) : h2f(h);
+}
+template <int DT> __device__ __forceinline__ u16 from_f(float f) {
+  u16 h;
+  if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+template <int DT> __device__ __forceinline__ void unpack(u32 w, float& lo, float& hi) {
+  if (DT == 0) { lo = __uint_as_float(w << 16); hi = __uint_as_float(w & 0xffff0000u); }
+  else { lo = h2f((u16)(w & 0xffffu)); hi = h2f((u16)(w >> 16)); }
+}
+template <int DT> __device__ __forceinline__ void unpack8(V4 v, float* f) {
+  unpack<DT>(v.a, f[0], f[1]); unpack<DT>(v.b, f[2], f[3]);
+  unpack<DT>(v.c, f[4], f[5]); unpack<DT>(v.d, f[6], f[7]);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// x element k lies at xs[xs_index(k)]: lane l's 8 elements of 16-byte step s (k = s * 256 + l * 8 + e)
+// as two float4 at (s * 2 + e / 4) * 128 + l * 4, so that a warp's float4 reads are contiguous
+__device__ __forceinline__ int xs_index(int k) {
+  return (((k >> 8) * 2 + ((k >> 2) & 1)) * 32 + ((k >> 3) & 31)) * 4 + (k & 3);
+}
+
+// MODE bits: 1 RMSNorm of x, 2 x is a gate|up pair (silu(gate) * up), 4 residual added,
+// 8 RoPE and the KV-cache write (the QKV product), 16 float32 output.
+// A block: WARPS / KSPLIT groups of KSPLIT warps; a group takes RPW consecutive rows, each of its
+// warps a 1 / KSPLIT slice of their columns. PDL (Hopper): the weights are requested before the
+// wait on the previous kernel, which may still be running (programmatic dependent launch).
+template <int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL>
+__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(  // 16 warps an SM: <= 128 registers
+    const u16* x, const u16* __restrict__ w, const u16* __restrict__ nw, const u16* res, void* out, int N,
+    double eps, const i64* __restrict__ pos, const float* __restrict__ inv_freq, u16* q, u16* kc, u16* vc,
+    int sc_h, int sc_t, int H, int HKV, int D) {
+  constexpr bool NORM = MODE & 1, GLU = MODE & 2, RES = MODE & 4, ROPE = MODE & 8, OUT_F32 = MODE & 16;
+  constexpr int NV = KD / 256 / KSPLIT;     // 16-byte loads a lane makes of a row (its warp's slice)
+  constexpr int PV = NV < 8 ? NV : 8;       // of them in one piece
+  constexpr int PIECES = NV / PV;           // pieces a row
+  constexpr int P = RPW * PIECES;           // pieces a warp
+  static_assert(KD % (256 * KSPLIT) == 0 && NV % PV == 0 && WARPS % KSPLIT == 0, "K: a multiple of 256 a slice");
+  extern __shared__ F4 xs4[];               // x as the lanes read it (xs_index), KD floats
+  float* xs = reinterpret_cast<float*>(xs4);
+  __shared__ float red[WARPS * (RPW > 1 ? RPW : 1)];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KSPLIT;
+  const int row0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * RPW;
+  const V4* wv = reinterpret_cast<const V4*>(w) + slice * NV * 32 + lane;
+  V4 b0[PV], b1[PV];
+
+#define LOAD_PIECE(b, i)                                                                  \
+  {                                                                                       \
+    const int r_ = row0 + (i) / PIECES;                                                   \
+    const V4* p_ = wv + (size_t)(r_ < N ? r_ : 0) * (KD / 8) + ((i) % PIECES) * PV * 32;  \
+    _Pragma("unroll") for (int v_ = 0; v_ < PV; ++v_) {                                   \
+      if (r_ < N) b[v_] = ldw(p_ + v_ * 32); else b[v_] = V4{0, 0, 0, 0};                 \
+    }                                                                                     \
+  }
+
+  // the first two pieces are on their way while the previous kernel ends and x is staged
+  LOAD_PIECE(b0, 0);
+  if (P > 1) LOAD_PIECE(b1, 1);
+  if (PDL) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
+
+  // x -> shared, float32; with GLU silu(gate) * up; with NORM as RMSNorm rounds it
+  constexpr int T = WARPS * 32;
+  float ss = 0.f;
+  for (int t = threadIdx.x; t < KD / 8; t += T) {
+    float f[8];
+    unpack8<DT>(*reinterpret_cast<const V4*>(x + t * 8), f);
+    if (GLU) {
+      float u[8];
+      unpack8<DT>(*reinterpret_cast<const V4*>(x + KD + t * 8), u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = f[e] * (1.f / (1.f + expf(-f[e]))) * u[e];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { ss += f[e] * f[e]; xs[xs_index(t * 8 + e)] = f[e]; }
+  }
+  if (NORM) {
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) tot += red[i];
+    const float r = rsqrtf(tot / KD + (float)eps);
+    for (int t = threadIdx.x; t < KD / 8; t += T) {
+      float g[8];
+      unpack8<DT>(*reinterpret_cast<const V4*>(nw + t * 8), g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int k = xs_index(t * 8 + e);
+        xs[k] = to_f<DT>(from_f<DT>(g[e] * to_f<DT>(from_f<DT>(xs[k] * r))));
+      }
+    }
+  }
+  __syncthreads();
+
+  float y = 0.f, acc = 0.f;  // lane j < RPW ends with row row0 + j (its slice's part)
+  const F4* xw = xs4 + slice * NV * 2 * 32 + lane;
+
+#define DOT_PIECE(b, i)                                                                   \
+  {                                                                                       \
+    _Pragma("unroll") for (int v_ = 0; v_ < PV; ++v_) {                                   \
+      const int s_ = ((i) % PIECES) * PV + v_;                                            \
+      const F4 xa = xw[(s_ * 2) * 32], xb = xw[(s_ * 2 + 1) * 32];                        \
+      float f_[8];                                                                        \
+      unpack8<DT>(b[v_], f_);                                                             \
+      acc += f_[0] * xa.x + f_[1] * xa.y + f_[2] * xa.z + f_[3] * xa.w                    \
+           + f_[4] * xb.x + f_[5] * xb.y + f_[6] * xb.z + f_[7] * xb.w;                   \
+    }                                                                                     \
+    if (((i) + 1) % PIECES == 0) {  /* the row is done */                                 \
+      const float s_ = warp_sum(acc);                                                     \
+      if (lane == (i) / PIECES) y = s_;                                                   \
+      acc = 0.f;                                                                          \
+    }                                                                                     \
+  }
+
+  // two pieces in flight a warp; short rows unrolled whole (the loads hoisted), long ones not
+  // (all of a 16 KB row's loads hoisted would spill)
+#pragma unroll(P <= 8 ? (P + 1) / 2 : 1)
+  for (int i = 0; i < P; i += 2) {
+    DOT_PIECE(b0, i);
+    if (i + 2 < P) LOAD_PIECE(b0, i + 2);
+    if (i + 1 < P) {
+      DOT_PIECE(b1, i + 1);
+      if (i + 3 < P) LOAD_PIECE(b1, i + 3);
+    }
+  }
+  if (KSPLIT > 1) {  // the first warp of each group sums its group's slices
+    if (lane < RPW) red[warp * RPW + lane] = y;
+    __syncthreads();
+    if (slice) return;
+#pragma unroll
+    for (int j = 1; j < KSPLIT; ++j) y += lane < RPW ? red[(warp + j) * RPW + lane] : 0.f;
+  }
+  const int r = row0 + lane;
+  if (ROPE) {
+    y = to_f<DT>(from_f<DT>(y));
+    const float other = __shfl_xor_sync(0xffffffffu, y, 1);  // the pair's other row
+    if (lane < RPW && r < N) {
+      const i64 p = pos[0];
+      const int ne = r & ~1;
+      if (ne < (H + HKV) * D) {  // queries and keys rotate, values do not
+        float sn, cs;
+        sincosf((float)p * inv_freq[(ne % D) / 2], &sn, &cs);
+        y = (r & 1) ? y * cs + other * sn : y * cs - other * sn;
+      }
+      const int head = r / D, d = r % D;
+      const u16 h = from_f<DT>(y);
+      if (head < H) q[r] = h;
+      else if (head < H + HKV) kc[(i64)(head - H) * sc_h + p * sc_t + d] = h;
+      else vc[(i64)(head - H - HKV) * sc_h + p * sc_t + d] = h;
+    }
+  } else if (lane < RPW && r < N) {
+    if (RES) y += to_f<DT>(res[r]);
+    if (OUT_F32) reinterpret_cast<float*>(out)[r] = y;
+    else reinterpret_cast<u16*>(out)[r] = from_f<DT>(y);
+  }
+}
+"""
+
+NORM, GLU, RES, ROPE, OUT_F32 = 1, 2, 4, 8, 16
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+# (K, N) -> (warps a block, rows a warp group, warps a row): the fastest with PDL on the H100 in
+# scripts/gpu/cuda_gemv_sweep.py (2026-11-22; docs/gpu.md, twelfth pass) for the Llama-3.2-1B shapes;
+# by K alone for other shapes (the default for the rest)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (2048, 3072): (8, 4, 2),  # qkv 6.0 us
+    (2048, 2048): (8, 2, 1),  # o 4.0 us
+    (2048, 16384): (8, 2, 2),  # gate_up 25.2 us
+    (8192, 2048): (16, 1, 1),  # down 14.7 us
+    (2048, 128256): (8, 2, 2),  # head 172.6 us
+}
+BY_K = {8192: (16, 1, 1)}
+DEFAULT_CONFIG = (8, 2, 1)
+
+
+class CompileError(RuntimeError):
+    """NVRTC refused the source, or is not there."""
+
+
+def _nvrtc() -> Any:
+    from torch.cuda._utils import _get_gpu_rtc_library
+
+    return _get_gpu_rtc_library()
+
+
+def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None) -> tuple[bytes, dict[str, str]]:
+    """``source`` compiled for ``arch`` (e.g. "90") -> (CUBIN, {name expression: lowered name})."""
+    lib = lib or _nvrtc()
+    prog = ctypes.c_void_p()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise CompileError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(rc).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"driftwood.cu", 0, None, None), "create")
+    try:
+        for n in names:
+            check(lib.nvrtcAddNameExpression(prog, n.encode()), "name expression")
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", b"-default-device"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, buf)
+            raise CompileError(f"NVRTC compile failed:\n{buf.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "CUBIN size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "CUBIN")
+        lowered = {}
+        for n in names:
+            out = ctypes.c_char_p()
+            check(lib.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(out)), "lowered name")
+            lowered[n] = out.value.decode()
+        return cubin.raw, lowered
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def kernel_name(dt: int, k: int, warps: int, rpw: int, ksplit: int, mode: int, pdl: bool) -> str:
+    return f"gemv_row<{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}>"
+
+
+@functools.cache
+def _kernel(device_index: int, name: str, shared: int = 0) -> Any:
+    """The compiled kernel ``name`` on that device, allowed ``shared`` bytes of dynamic shared
+    memory (each instantiation compiled once)."""
+    from torch.cuda._utils import _cuda_load_module
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    with torch.cuda.device(device_index):
+        cubin, lowered = compile_cubin(SOURCE, [name], f"{major}{minor}")
+        fn = _cuda_load_module(cubin, [lowered[name]])[lowered[name]]
+        fn.set_shared_memory_config(shared)
+        return fn
+
+
+@functools.cache
+def available(device_index: int = 0) -> bool:
+    """Whether the kernels compile and load here (NVRTC present, a CUDA device); logged once if not."""
+    if not torch.cuda.is_available() or torch.version.hip:
+        return False
+    try:
+        _kernel(device_index, kernel_name(0, 256, 1, 1, 1, 0, False))
+        return True
+    except Exception as exc:  # no NVRTC, a driver too old for the CUBIN: the Triton kernels serve
+        log.warning("CUDA C++ kernels unavailable (%s); the Triton kernels run instead", exc)
+        return False
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
+    """Whether :func:`gemv_row` runs this product: one row, bfloat16/float16 throughout, K a
+    multiple of 256, 16-byte aligned rows."""
+    k = weight.shape[1]
+    return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and weight.dtype == x.dtype
+            and k % 256 == 0 and x.shape[1] == (2 * k if glu else k) and x.stride(1) == 1
+            and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and available(x.device.index or 0))
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch(fn: Any, grid: int, block: int, shared: int, args: list[ctypes._SimpleCData], pdl: bool) -> None:
+    """``fn`` on torch's current stream (captured into a CUDA graph like any kernel); ``pdl``: it
+    may start before the previous kernel ends (the kernel waits with griddepcontrol.wait)."""
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    cfg = _LaunchConfig((grid, 1, 1), (block, 1, 1), shared, torch.cuda.current_stream().cuda_stream,
+                        ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), fn.func, params, None))
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None, glu: bool = False,
+             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+             norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
+             config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
+    """x (1, K) (or (1, 2K) with ``glu``) -> (1, N) = x' @ W.T (+ residual), as
+    :func:`~driftwood.model.cuda.kernels.gemv` defines it for one row (where :func:`supports`).
+    ``pdl``: launched to overlap the previous kernel's end (Hopper and later)."""
+    n, k = weight.shape
+    warps, rpw, ksplit = config or CONFIGS.get((k, n)) or BY_K.get(k, DEFAULT_CONFIG)
+    if rope is not None and rpw % 2:  # RoPE pairs rows within a warp
+        rpw += 1
+    pdl = pdl and pdl_supported(x.device.index or 0)
+    mode = (NORM if norm is not None else 0) | (GLU if glu else 0) | (RES if residual is not None else 0)
+    i32 = ctypes.c_int
+    if rope is not None:
+        pos, inv_freq, kc, vc, heads, kv_heads, head_dim = rope
+        assert residual is None and n == (heads + 2 * kv_heads) * head_dim and rpw % 2 == 0
+        assert kc.stride() == vc.stride() and kc.stride(-1) == 1 and kc.dtype == x.dtype and kc.shape[0] == 1
+        assert pos.dtype == torch.int64 and inv_freq.dtype == torch.float32
+        mode |= ROPE
+        out = torch.empty(1, heads, head_dim, dtype=x.dtype, device=x.device)  # the rotated queries
+        tail = [_ptr(pos), _ptr(inv_freq), _ptr(out), _ptr(kc), _ptr(vc), i32(kc.stride(1)), i32(kc.stride(2)),
+                i32(heads), i32(kv_heads), i32(head_dim)]
+    else:
+        if out is None:
+            out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+        if out.dtype == torch.float32:
+            mode |= OUT_F32
+        else:
+            assert out.dtype == x.dtype
+        tail = [_ptr(x)] * 5 + [i32(0)] * 5
+    nw, eps = norm if norm is not None else (x, 0.0)
+    fn = _kernel(x.device.index or 0, kernel_name(DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), k * 4)
+    rows = warps // ksplit * rpw
+    args = [_ptr(x), _ptr(weight), _ptr(nw), _ptr(residual if residual is not None else x), _ptr(out), i32(n),
+            ctypes.c_double(eps), *tail]
+    launch(fn, (n + rows - 1) // rows, warps * 32, k * 4, args, pdl)
+    return out
+
+
+@functools.cache
+def pdl_supported(device_index: int = 0) -> bool:
+    """Programmatic dependent launch: compute capability 9.0 and later."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9

@@ -1,0 +1,145 @@
+"""The CUDA C++ one-row GEMV (driftwood.model.cuda.nvrtc) on a CUDA device: each fusion decode
+uses against a float32 reference on fresh random inputs, every launch configuration, with and
+without PDL, inside a CUDA graph, and the decode step built on it against the Triton and torch
+steps. Skipped without a CUDA device (the benchmarks' sweep, scripts/gpu/cuda_gemv_sweep.py,
+checks the Llama-3.2-1B shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from driftwood.model import load_model
+from driftwood.model.cuda.decoder import GraphDecoder, TorchOps, TritonOps
+from driftwood.model.llama import rms_norm
+from tests.model.conftest import TINY_LLAMA3
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (dtype, (warps, rows a group, warps a row) or the default, PDL)
+LAUNCHES = [(torch.bfloat16, None, False), (torch.bfloat16, (4, 1, 1), True), (torch.bfloat16, (8, 2, 2), True),
+            (torch.bfloat16, (16, 1, 4), False), (torch.bfloat16, (2, 4, 1), True), (torch.float16, None, True),
+            (torch.float16, (8, 2, 2), False)]
+
+
+def _reference(w, x, *, norm=None, glu=False, residual=None):
+    if norm is not None:
+        x = rms_norm(x, *norm).float()
+    elif glu:
+        g, u = x.float().chunk(2, dim=-1)
+        x = F.silu(g) * u
+    y = x.float() @ w.float().t()
+    return y if residual is None else y + residual.float()
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("n,k", [(300, 256), (64, 768), (1000, 2048), (130, 8192)])
+@pytest.mark.parametrize("mode", ["plain", "norm", "residual", "glu", "norm_f32"])
+@pytest.mark.parametrize("dtype,config,pdl", LAUNCHES)
+def test_products_match_float32(dtype, n, k, mode, config, pdl):
+    from driftwood.model.cuda import nvrtc
+
+    if config is not None and k % (256 * config[2]):
+        pytest.skip("K not divisible among the warps of a row")
+    g = torch.Generator(device="cuda").manual_seed(n * k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
+    x = torch.randn(1, 2 * k if mode == "glu" else k, device="cuda", generator=g).to(dtype)
+    kw: dict = {}
+    if mode.startswith("norm"):
+        kw["norm"] = ((torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype), 1e-5)
+    if mode in ("residual", "glu"):
+        kw["residual"] = torch.randn(1, n, device="cuda", generator=g).to(dtype)
+    assert nvrtc.supports(x, w, glu=mode == "glu")
+    want = _reference(w, x, glu=mode == "glu", **kw)
+    if "residual" in kw:
+        kw["residual"] = kw["residual"].clone()  # written in place where out is the residual
+    got = nvrtc.gemv_row(x, w, glu=mode == "glu", out_dtype=torch.float32 if mode == "norm_f32" else None,
+                         config=config, pdl=pdl, out=kw.get("residual"), **kw)
+    assert got.shape == (1, n) and got.dtype == (torch.float32 if mode == "norm_f32" else dtype)
+    assert _rel(got, want) < (1e-5 if mode == "norm_f32" else 4e-3)
+
+
+@pytest.mark.parametrize("config", [None, (8, 2, 1), (4, 4, 2), (16, 1, 1)])
+def test_qkv_rope_writes_the_cache_at_pos(config):
+    """RoPE in the QKV product's epilogue: queries returned, keys and values at pos only, as
+    TorchOps.rope_store puts them (an odd rows-a-group count is made even)."""
+    from driftwood.model.cuda import nvrtc
+
+    H, HKV, D, cap, k, pos = 8, 2, 64, 40, 512, 33
+    n = (H + 2 * HKV) * D
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16()
+    p = torch.tensor([pos], device="cuda")
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    kc, vc = (torch.zeros(1, HKV, cap, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kr, vr = kc.clone(), vc.clone()
+    q = nvrtc.gemv_row(x, w, norm=(nw, 1e-5), rope=(p, inv, kc, vc, H, HKV, D), config=config, pdl=True)
+    qkv = _reference(w, x, norm=(nw, 1e-5)).bfloat16()
+    qr = TorchOps().rope_store(qkv, p, inv, kr, vr, H, HKV, D)
+    assert _rel(q, qr) < 1e-2 and _rel(kc[0, :, pos], kr[0, :, pos]) < 1e-2 and _rel(vc[0, :, pos], vr[0, :, pos]) < 1e-2
+    kc[0, :, pos] = 0
+    vc[0, :, pos] = 0
+    assert not kc.any() and not vc.any()
+
+
+def test_captured_with_pdl_replays_new_inputs():
+    """Launched through the driver on torch's stream, the kernel is captured like any other:
+    a chain of PDL launches replayed with new x gives what eager launches give."""
+    from driftwood.model.cuda import nvrtc
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ws = [(torch.randn(512, 512, device="cuda", generator=g) / 512**0.5).bfloat16() for _ in range(4)]
+    x = torch.randn(1, 512, device="cuda", generator=g).bfloat16()
+
+    def chain():
+        h = x
+        for w in ws:
+            h = nvrtc.gemv_row(h, w, residual=h.clone(), pdl=True)
+        return h
+
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(3):
+        x.copy_(torch.randn(1, 512, device="cuda", generator=g.manual_seed(seed + 10)).bfloat16())
+        graph.replay()
+        torch.testing.assert_close(out, chain(), rtol=0, atol=0)
+
+
+def test_unsupported_shapes_fall_back():
+    from driftwood.model.cuda import nvrtc
+
+    w = torch.zeros(64, 320, device="cuda", dtype=torch.bfloat16)  # K not a multiple of 256
+    assert not nvrtc.supports(torch.zeros(1, 320, device="cuda", dtype=torch.bfloat16), w)
+    w = torch.zeros(64, 256, device="cuda", dtype=torch.bfloat16)
+    assert not nvrtc.supports(torch.zeros(2, 256, device="cuda", dtype=torch.bfloat16), w)  # two rows
+    assert not nvrtc.supports(torch.zeros(1, 256, device="cuda"), w.float())  # float32
+
+
+def test_step_with_the_cuda_kernel(tiny_gguf):
+    """The BF16 decode step with every product through the CUDA kernel (the tiny Llama-3 shape:
+    K of 256 and 512): graphs with PDL bit-identical to the eager step without, and within
+    bfloat16 noise of the Triton step and of torch in float32."""
+    m = load_model(str(tiny_gguf("bf16", TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
+    batch = m.new_batch(1, capacity=128)
+    batch.prefill(0, [5, 17, 99, 3, 42])
+    tokens, pos = [7], list(batch.positions)
+    saved = batch.cache.k.clone(), batch.cache.v.clone()
+
+    def run(ops, graphs):
+        batch.cache.k.copy_(saved[0])
+        batch.cache.v.copy_(saved[1])
+        return GraphDecoder(m.transformer, batch.cache, graphs=graphs, ops=ops)(tokens, pos).clone()
+
+    eager = run(TritonOps(cuda_pdl=False), graphs=False)
+    for _ in range(2):
+        torch.testing.assert_close(run(TritonOps(), graphs=True), eager, rtol=0, atol=0)
+    assert _rel(eager, run(TritonOps(cuda_gemv=False), graphs=False)) < 2e-2
+    assert _rel(eager, run(TorchOps(), graphs=False)) < 5e-2
