@@ -202,7 +202,12 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "graphs": ({}, {}, "2026-11-22, twelfth pass: BF16's one-row products through a CUDA C++ kernel (NVRTC), "
                "launched with PDL, per-shape configurations from scripts/gpu/cuda_gemv_sweep.py: on the machine "
                "that measured the Triton step at 1.24 and this kernel with PDL and one configuration at 1.14 "
-               "ms/token, ~1.115 (down's configuration -1.5 us a layer); the quantized files unchanged. Eighth pass: int8 activations (per 32-column group, as llama.cpp's Q8_1): at "
+               "ms/token, ~1.115 (down's configuration -1.5 us a layer); the quantized files unchanged. Measured: "
+               "BF16 1.058 against 1.220 for the Triton kernel in the same run. Then Q4_0's qkv, o, gate_up and down "
+               "through the CUDA kernel's quantized variant (the head and Q8_0 stay on Triton): Q4_0 ~-33 us a "
+               "token (0.666 against 0.699 in the run that tried it for both formats), the rest unchanged. Measured: "
+               "Q4_0 0.675 against 0.694 (graphs-triton-quant) in the same run. Then attention's kernels with PDL "
+               "(graphs-no-pdl-attention): Q4_0 ~0.64, BF16 ~1.05, Q8_0 ~0.83. Eighth pass: int8 activations (per 32-column group, as llama.cpp's Q8_1): at "
                "5-64 rows the wide products and the head (and Q8_0's down) as int8 tensor-core dots on the stored codes, "
                "at batch 1 Q4_0's qkv, o and gate_up through dp4a (scripts/gpu/int8_sweep.py): batch 64 Q8_0 ~2.15 ms a "
                "step (~30k tok/s, ~23x batch 1), Q4_0 ~2.4 ms (~26.5k, ~17.5x); batch 32 Q4_0 ~16.8k, Q8_0 ~17.3k; "
@@ -244,6 +249,13 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "graphs-cuda-gemv-no-pdl": ({}, {"cuda_pdl": False}, "twelfth pass: the CUDA C++ one-row kernel launched "
                                 "without PDL: measured first (default configuration) BF16 1.21 against 1.24 "
                                 "ms/token for the Triton kernel and 1.14 with PDL"),
+    "graphs-triton-quant": ({}, {"cuda_quant": False}, "twelfth pass: Q4_0's one-row products through the Triton "
+                            "kernels (the eleventh pass's step), for comparison with graphs in the same run"),
+    "graphs-no-pdl-attention": ({}, {"pdl_attention": False}, "twelfth pass: attention's kernels launched without "
+                                "PDL (the step before graphs' last kernel change; predicted for that change: the CUDA o "
+                                "product's weights requested while attention ends, Q4_0 ~-30 us a token, BF16 ~-5, Q8_0 "
+                                "unchanged; measured in a first run (experiment-decode-cuda-2026-11-22-pdl-attention.json) "
+                                "Q4_0 0.639 against 0.665 ms/token, BF16 1.057 / 1.053, Q8_0 0.829 / 0.842)"),
     "graphs-triton-dense": ({"weights": "dense"}, {"dense": "triton"},
                             "BF16 only: the Triton GEMV on dense weights, within 10% of cuBLAS"),
     "graphs-unfused-norm": ({}, {"fuse_norm": False}, "RMSNorm as its own kernel before the QKV, gate|up "

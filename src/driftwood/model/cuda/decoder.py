@@ -102,18 +102,23 @@ class TritonOps(TorchOps):
     each KV head (measured 15-40 us a token slower than the second kernel on the H100, so off).
     ``cuda_gemv``: one-row dense products through the CUDA C++ kernel of
     :mod:`driftwood.model.cuda.nvrtc` where it compiles and supports the shape (the Triton
-    kernel otherwise); ``cuda_pdl``: that kernel launched with programmatic dependent launch,
-    its first weights requested while the previous kernel ends (BF16 1.24 -> 1.14 ms/token on
-    the H100 with both, docs/gpu.md's twelfth pass).
+    kernel otherwise); ``cuda_quant``: the one-row Q4_0 products too where that kernel measured
+    faster (:data:`~driftwood.model.cuda.nvrtc.TRITON_CLASSES`); ``cuda_pdl``: those launched
+    with programmatic dependent launch, their first weights requested while the previous kernel
+    ends (BF16 1.22 -> 1.06 ms/token on the H100, Q4_0 0.699 -> 0.666; docs/gpu.md's twelfth pass).
+    ``pdl_attention``: attention's two kernels launched with it too, so that the o product's
+    weights are requested while attention ends (Q4_0 0.665 -> 0.639 ms/token; ``pdl``: every
+    Triton kernel, which measured slower for Q8_0).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
                  pdl: bool = False, fuse_combine: bool = False, cuda_gemv: bool = True,
-                 cuda_pdl: bool = True) -> None:
+                 cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True) -> None:
         from driftwood.model.cuda import kernels, nvrtc
 
         self.k, self.nvrtc = kernels, nvrtc
-        self.cuda_gemv, self.cuda_pdl = cuda_gemv, cuda_pdl
+        self.cuda_gemv, self.cuda_quant, self.cuda_pdl = cuda_gemv, cuda_quant, cuda_pdl
+        self.pdl_attention = pdl_attention
         self.dense = dense
         self.fuse_norm = fuse_norm
         self.fuse_rope = fuse_rope
@@ -129,17 +134,25 @@ class TritonOps(TorchOps):
             return k.DENSE, layer.weight, None
         return None
 
-    def _row_kernel(self, x, layer, glu=False) -> bool:
-        """Whether the CUDA C++ one-row kernel runs this product."""
-        return self.cuda_gemv and isinstance(layer, DenseLinear) and self.nvrtc.supports(x, layer.weight, glu)
+    def _row_kernel(self, x, layer, glu=False) -> dict | None:
+        """The weights for :func:`~driftwood.model.cuda.nvrtc.gemv_row` where the CUDA C++ one-row
+        kernel runs this product, else None."""
+        nv = self.nvrtc
+        if isinstance(layer, DenseLinear) and self.cuda_gemv:
+            kw = dict(weight=layer.weight, fmt=nv.DENSE, scales=None)
+        elif isinstance(layer, BlockLinear) and self.cuda_quant:
+            kw = dict(weight=layer.codes, fmt=nv.Q4_0 if layer.fmt == "q4_0" else nv.Q8_0, scales=layer.scales)
+        else:
+            return None
+        return kw if nv.supports(x, kw["weight"], glu, kw["fmt"]) else None
 
     def rms_norm(self, x, weight, eps):
         return self.k.rms_norm(x, weight, eps, pdl=self.pdl)
 
     def linear(self, x, layer, *, residual=None, glu=False, out_dtype=None):
-        if self._row_kernel(x, layer, glu):
-            return self.nvrtc.gemv_row(x, layer.weight, residual=residual, glu=glu, out=residual,
-                                       out_dtype=out_dtype, pdl=self.cuda_pdl)
+        if (w := self._row_kernel(x, layer, glu)) is not None:
+            return self.nvrtc.gemv_row(x, **w, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
+                                       pdl=self.cuda_pdl)
         args = self._gemv_args(x, layer)
         if args is not None:
             return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
@@ -151,18 +164,18 @@ class TritonOps(TorchOps):
         return super().linear(x, layer, residual=residual, glu=glu, out_dtype=out_dtype)
 
     def norm_linear(self, x, weight, eps, layer, *, out_dtype=None):
-        if self.fuse_norm and self._row_kernel(x, layer):
-            return self.nvrtc.gemv_row(x, layer.weight, norm=(weight, eps), out_dtype=out_dtype, pdl=self.cuda_pdl)
+        if self.fuse_norm and (w := self._row_kernel(x, layer)) is not None:
+            return self.nvrtc.gemv_row(x, **w, norm=(weight, eps), out_dtype=out_dtype, pdl=self.cuda_pdl)
         args = self._gemv_args(x, layer)
         if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
             return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl)
         return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
     def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-        if (self.fuse_rope and self.fuse_norm and self._row_kernel(x, layer) and k_cache.dtype == x.dtype
-                and head_dim % 2 == 0):
+        w = self._row_kernel(x, layer) if self.fuse_rope and self.fuse_norm else None
+        if w is not None and k_cache.dtype == x.dtype and head_dim % 2 == 0:
             rope = (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
-            return self.nvrtc.gemv_row(x, layer.weight, norm=(weight, eps), rope=rope, pdl=self.cuda_pdl)
+            return self.nvrtc.gemv_row(x, **w, norm=(weight, eps), rope=rope, pdl=self.cuda_pdl)
         args = self._gemv_args(x, layer)
         m, n, kd = x.shape[0], (n_heads + 2 * n_kv_heads) * head_dim, x.shape[1]
         if (self.fuse_rope and self.fuse_norm and args is not None and k_cache.dtype == x.dtype
@@ -176,7 +189,7 @@ class TritonOps(TorchOps):
         return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim, pdl=self.pdl)
 
     def attention(self, q, k_cache, v_cache, pos):
-        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl, combine=self.fuse_combine)
+        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl or self.pdl_attention, combine=self.fuse_combine)
 
 
 class DecodeStep:

@@ -2,15 +2,20 @@
 torch's CUDA wheels, so no toolkit is needed) and launched through the driver on torch's
 current stream, which lets CUDA graphs capture them like any other kernel.
 
-:func:`gemv_row`: one row of x against a dense bfloat16/float16 matrix, ``out = x' @ W.T``,
-with what the decode step fuses into the product: RMSNorm of x (``norm``), ``silu(gate) * up``
-of a gate|up pair (``glu``), a residual, or RoPE and the KV-cache write of the QKV product
-(``rope``), the same functions and roundings as :func:`~driftwood.model.cuda.kernels.gemv`.
-Each block stages x once in shared memory (normalised, in float32, in the order the lanes read
-it: conflict-free 16-byte reads) while its first weights are already on the way; each warp then
-streams RPW consecutive rows, 16 bytes a lane a load, in pieces of up to 4 KB a warp with the
-next piece in flight while the current one is multiplied. The Triton kernel it replaces at one
-row recomputes the norm in every 1-warp program (docs/gpu.md, twelfth pass).
+:func:`gemv_row`: one row of x against a dense bfloat16/float16 matrix or Q4_0/Q8_0 codes in
+:class:`~driftwood.model.weights.BlockLinear`'s layout, ``out = x' @ W.T``, with what the decode
+step fuses into the product: RMSNorm of x (``norm``), ``silu(gate) * up`` of a gate|up pair
+(``glu``), a residual, or RoPE and the KV-cache write of the QKV product (``rope``), the same
+functions and roundings as :func:`~driftwood.model.cuda.kernels.gemv` (x stays float32: no int8
+activations). Each block stages x once in shared memory (normalised, in float32, in the order
+the lanes read it: conflict-free 16-byte reads) while its first weights are already on the way;
+dense rows stream 16 bytes a lane a load with the next 4 KB piece of a warp in flight, quantized
+rows are requested whole. Launched with programmatic dependent launch, a product's first
+weights are requested before it waits for the previous kernel.
+
+:func:`pick` holds the measured policy: per-shape configurations from
+scripts/gpu/cuda_gemv_sweep.py, and the quantized products the Triton kernels run faster (Q8_0,
+the Q4_0 head) left to them (docs/gpu.md, twelfth pass).
 """
 
 from __future__ import annotations
@@ -68,26 +73,114 @@ __device__ __forceinline__ int xs_index(int k) {
 
 // MODE bits: 1 RMSNorm of x, 2 x is a gate|up pair (silu(gate) * up), 4 residual added,
 // 8 RoPE and the KV-cache write (the QKV product), 16 float32 output.
-// A block: WARPS / KSPLIT groups of KSPLIT warps; a group takes RPW consecutive rows, each of its
-// warps a 1 / KSPLIT slice of their columns. PDL (Hopper): the weights are requested before the
-// wait on the previous kernel, which may still be running (programmatic dependent launch).
+
+// x (KD values; with GLU silu(gate) * up of 2 KD; with NORM as RMSNorm rounds it) into shared
+// memory as float32, value k at xs[index(k)]; T threads, red: a float a warp
+template <int DT, int KD, int T, int MODE, class Index>
+__device__ __forceinline__ void stage_x(const u16* x, const u16* nw, double eps, float* xs, float* red, Index index) {
+  constexpr bool NORM = MODE & 1, GLU = MODE & 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float ss = 0.f;
+  for (int t = threadIdx.x; t < KD / 8; t += T) {
+    float f[8];
+    unpack8<DT>(*reinterpret_cast<const V4*>(x + t * 8), f);
+    if (GLU) {
+      float u[8];
+      unpack8<DT>(*reinterpret_cast<const V4*>(x + KD + t * 8), u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = f[e] * (1.f / (1.f + expf(-f[e]))) * u[e];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { ss += f[e] * f[e]; xs[index(t * 8 + e)] = f[e]; }
+  }
+  if (NORM) {
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < T / 32; ++i) tot += red[i];
+    const float r = rsqrtf(tot / KD + (float)eps);
+    for (int t = threadIdx.x; t < KD / 8; t += T) {
+      float g[8];
+      unpack8<DT>(*reinterpret_cast<const V4*>(nw + t * 8), g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int k = index(t * 8 + e);
+        xs[k] = to_f<DT>(from_f<DT>(g[e] * to_f<DT>(from_f<DT>(xs[k] * r))));
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// A warp group's rows done: lane j < RPW of each warp holds its slice of row row0 + j in y. The
+// slices summed (KSPLIT > 1: through red, RPW floats a warp), then the epilogue of MODE.
+template <int DT, int RPW, int KSPLIT, int MODE>
+__device__ __forceinline__ void finish_rows(float y, int row0, int N, float* red, const u16* res, void* out,
+    const i64* pos, const float* inv_freq, u16* q, u16* kc, u16* vc, int sc_h, int sc_t, int H, int HKV, int D) {
+  constexpr bool RES = MODE & 4, ROPE = MODE & 8, OUT_F32 = MODE & 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (KSPLIT > 1) {  // the first warp of each group sums its group's slices
+    __syncthreads();  // red's earlier use (the norm) is over
+    if (lane < RPW) red[warp * RPW + lane] = y;
+    __syncthreads();
+    if (warp % KSPLIT) return;
+#pragma unroll
+    for (int j = 1; j < KSPLIT; ++j) y += lane < RPW ? red[(warp + j) * RPW + lane] : 0.f;
+  }
+  const int r = row0 + lane;
+  if (ROPE) {
+    y = to_f<DT>(from_f<DT>(y));
+    const float other = __shfl_xor_sync(0xffffffffu, y, 1);  // the pair's other row
+    if (lane < RPW && r < N) {
+      const i64 p = pos[0];
+      const int ne = r & ~1;
+      if (ne < (H + HKV) * D) {  // queries and keys rotate, values do not
+        float sn, cs;
+        sincosf((float)p * inv_freq[(ne % D) / 2], &sn, &cs);
+        y = (r & 1) ? y * cs + other * sn : y * cs - other * sn;
+      }
+      const int head = r / D, d = r % D;
+      const u16 h = from_f<DT>(y);
+      if (head < H) q[r] = h;
+      else if (head < H + HKV) kc[(i64)(head - H) * sc_h + p * sc_t + d] = h;
+      else vc[(i64)(head - H - HKV) * sc_h + p * sc_t + d] = h;
+    }
+  } else if (lane < RPW && r < N) {
+    if (RES) y += to_f<DT>(res[r]);
+    if (OUT_F32) reinterpret_cast<float*>(out)[r] = y;
+    else reinterpret_cast<u16*>(out)[r] = from_f<DT>(y);
+  }
+}
+
+#define GEMV_PARAMS                                                                                       \
+    const u16* x, const void* __restrict__ weights, const u16* __restrict__ scales, const u16* __restrict__ nw, \
+    const u16* res, void* out, int N, double eps, const i64* __restrict__ pos, const float* __restrict__ inv_freq, \
+    u16* q, u16* kc, u16* vc, int sc_h, int sc_t, int H, int HKV, int D
+#define FINISH_ARGS res, out, pos, inv_freq, q, kc, vc, sc_h, sc_t, H, HKV, D
+
+__device__ __forceinline__ void pdl_start() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+// Dense weights (the compute dtype). A block: WARPS / KSPLIT groups of KSPLIT warps; a group
+// takes RPW consecutive rows, each of its warps a 1 / KSPLIT slice of their columns. PDL
+// (Hopper): the first weights are requested before the wait on the previous kernel, which may
+// still be running (programmatic dependent launch).
 template <int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL>
-__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(  // 16 warps an SM: <= 128 registers
-    const u16* x, const u16* __restrict__ w, const u16* __restrict__ nw, const u16* res, void* out, int N,
-    double eps, const i64* __restrict__ pos, const float* __restrict__ inv_freq, u16* q, u16* kc, u16* vc,
-    int sc_h, int sc_t, int H, int HKV, int D) {
-  constexpr bool NORM = MODE & 1, GLU = MODE & 2, RES = MODE & 4, ROPE = MODE & 8, OUT_F32 = MODE & 16;
+__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(GEMV_PARAMS) {  // <= 128 registers
   constexpr int NV = KD / 256 / KSPLIT;     // 16-byte loads a lane makes of a row (its warp's slice)
   constexpr int PV = NV < 8 ? NV : 8;       // of them in one piece
   constexpr int PIECES = NV / PV;           // pieces a row
   constexpr int P = RPW * PIECES;           // pieces a warp
   static_assert(KD % (256 * KSPLIT) == 0 && NV % PV == 0 && WARPS % KSPLIT == 0, "K: a multiple of 256 a slice");
   extern __shared__ F4 xs4[];               // x as the lanes read it (xs_index), KD floats
-  float* xs = reinterpret_cast<float*>(xs4);
   __shared__ float red[WARPS * (RPW > 1 ? RPW : 1)];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KSPLIT;
   const int row0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * RPW;
-  const V4* wv = reinterpret_cast<const V4*>(w) + slice * NV * 32 + lane;
+  const V4* wv = reinterpret_cast<const V4*>(weights) + slice * NV * 32 + lane;
   V4 b0[PV], b1[PV];
 
 #define LOAD_PIECE(b, i)                                                                  \
@@ -102,45 +195,8 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(  // 
   // the first two pieces are on their way while the previous kernel ends and x is staged
   LOAD_PIECE(b0, 0);
   if (P > 1) LOAD_PIECE(b1, 1);
-  if (PDL) {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-  }
-
-  // x -> shared, float32; with GLU silu(gate) * up; with NORM as RMSNorm rounds it
-  constexpr int T = WARPS * 32;
-  float ss = 0.f;
-  for (int t = threadIdx.x; t < KD / 8; t += T) {
-    float f[8];
-    unpack8<DT>(*reinterpret_cast<const V4*>(x + t * 8), f);
-    if (GLU) {
-      float u[8];
-      unpack8<DT>(*reinterpret_cast<const V4*>(x + KD + t * 8), u);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = f[e] * (1.f / (1.f + expf(-f[e]))) * u[e];
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) { ss += f[e] * f[e]; xs[xs_index(t * 8 + e)] = f[e]; }
-  }
-  if (NORM) {
-    ss = warp_sum(ss);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int i = 0; i < WARPS; ++i) tot += red[i];
-    const float r = rsqrtf(tot / KD + (float)eps);
-    for (int t = threadIdx.x; t < KD / 8; t += T) {
-      float g[8];
-      unpack8<DT>(*reinterpret_cast<const V4*>(nw + t * 8), g);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int k = xs_index(t * 8 + e);
-        xs[k] = to_f<DT>(from_f<DT>(g[e] * to_f<DT>(from_f<DT>(xs[k] * r))));
-      }
-    }
-  }
-  __syncthreads();
+  if (PDL) pdl_start();
+  stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) { return xs_index(k); });
 
   float y = 0.f, acc = 0.f;  // lane j < RPW ends with row row0 + j (its slice's part)
   const F4* xw = xs4 + slice * NV * 2 * 32 + lane;
@@ -173,53 +229,159 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(  // 
       if (i + 3 < P) LOAD_PIECE(b1, i + 3);
     }
   }
-  if (KSPLIT > 1) {  // the first warp of each group sums its group's slices
-    if (lane < RPW) red[warp * RPW + lane] = y;
-    __syncthreads();
-    if (slice) return;
+  finish_rows<DT, RPW, KSPLIT, MODE>(y, row0, N, red, FINISH_ARGS);
+}
+
+// Q4_0 (FMT 2) and Q8_0 (FMT 1) weights as BlockLinear keeps them: a 32-column group is 16 (Q4_0)
+// or 32 bytes of int32 words and one fp16 scale. Lane l of a warp takes groups l, l + 32, ... of
+// its slice of each of its RPW rows, all requested at once (before the PDL wait). x is staged as
+// eight float4 a group, chunk c of group g at xs4[c * G + g] (the lanes' reads contiguous): Q4_0
+// word w's nibbles 0-3 in chunk 2w, 4-7 in 2w + 1; Q8_0 word i's bytes in chunk i. A code reads
+// as float "bias + code" (a shift and one AND-OR, no conversion), the biases taken off once per
+// group through xoff[g] = sum of x times each column's bias (+ 8 or + 128 for the codes' offset).
+template <int FMT, int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL>
+__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV_PARAMS) {
+  constexpr int G = KD / 32, GS = G / KSPLIT;   // groups a row, a slice
+  constexpr int NG = (GS + 31) / 32;            // groups a lane a row
+  constexpr int U = FMT == 2 ? 1 : 2;           // 16-byte loads a group
+  static_assert(G % KSPLIT == 0 && WARPS % KSPLIT == 0 && RPW * NG * U <= 8, "too much a lane");
+  extern __shared__ F4 xs4[];                   // 8 G float4, then xoff: G floats
+  float* xoff = reinterpret_cast<float*>(xs4 + 8 * G);
+  __shared__ float red[WARPS * (RPW > 1 ? RPW : 1)];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KSPLIT;
+  const int row0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * RPW;
+  const V4* wv = reinterpret_cast<const V4*>(weights);
+  V4 b[RPW][NG][U];
+  u16 sc[RPW][NG];
 #pragma unroll
-    for (int j = 1; j < KSPLIT; ++j) y += lane < RPW ? red[(warp + j) * RPW + lane] : 0.f;
-  }
-  const int r = row0 + lane;
-  if (ROPE) {
-    y = to_f<DT>(from_f<DT>(y));
-    const float other = __shfl_xor_sync(0xffffffffu, y, 1);  // the pair's other row
-    if (lane < RPW && r < N) {
-      const i64 p = pos[0];
-      const int ne = r & ~1;
-      if (ne < (H + HKV) * D) {  // queries and keys rotate, values do not
-        float sn, cs;
-        sincosf((float)p * inv_freq[(ne % D) / 2], &sn, &cs);
-        y = (r & 1) ? y * cs + other * sn : y * cs - other * sn;
-      }
-      const int head = r / D, d = r % D;
-      const u16 h = from_f<DT>(y);
-      if (head < H) q[r] = h;
-      else if (head < H + HKV) kc[(i64)(head - H) * sc_h + p * sc_t + d] = h;
-      else vc[(i64)(head - H - HKV) * sc_h + p * sc_t + d] = h;
+  for (int j = 0; j < RPW; ++j) {
+#pragma unroll
+    for (int n = 0; n < NG; ++n) {
+      const int gi = n * 32 + lane, g = slice * GS + gi;
+      const bool ok = row0 + j < N && (GS % 32 == 0 || gi < GS);
+      const size_t at = (size_t)(ok ? row0 + j : 0) * G + (ok ? g : 0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) b[j][n][u] = ok ? ldw(wv + at * U + u) : V4{0, 0, 0, 0};
+      sc[j][n] = ok ? scales[at] : (u16)0;
     }
-  } else if (lane < RPW && r < N) {
-    if (RES) y += to_f<DT>(res[r]);
-    if (OUT_F32) reinterpret_cast<float*>(out)[r] = y;
-    else reinterpret_cast<u16*>(out)[r] = from_f<DT>(y);
   }
+  if (PDL) pdl_start();
+  stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) {
+    const int g = k >> 5, c = k & 31;
+    const int chunk = FMT == 2 ? ((c & 3) * 2 + (c >> 4)) : (c & 7);  // Q4_0: column 4p + w; Q8_0: 8b + i
+    const int e = FMT == 2 ? ((c >> 2) & 3) : (c >> 3);
+    return (chunk * G + g) * 4 + e;
+  });
+  for (int g = threadIdx.x; g < G; g += WARPS * 32) {
+    float o = 0.f;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const F4 v = xs4[c * G + g];
+      if (FMT == 1) o += 32896.f * (v.x + v.y + v.z + v.w);  // every byte reads 32768 + (q + 128)
+      else {  // chunk 2w: nibbles 0-3, 2w + 1: nibbles 4-7; odd nibbles 1, 3, 5 read 2048 + q, the rest 128 + q
+        const bool hi = c & 1;
+        o += hi ? 136.f * v.x + 2056.f * v.y + 136.f * v.z + 136.f * v.w
+                : 136.f * v.x + 2056.f * v.y + 136.f * v.z + 2056.f * v.w;
+      }
+    }
+    xoff[g] = o;
+  }
+  __syncthreads();
+
+  const u32 ma = FMT == 2 ? 0xF000u : 0xFF00u, mb = 0xF0000u, ca = FMT == 2 ? 0x45000000u : 0x47000000u,
+            cb = 0x43000000u;
+  float y = 0.f;
+#pragma unroll
+  for (int j = 0; j < RPW; ++j) {
+    float acc = 0.f;
+#pragma unroll
+    for (int n = 0; n < NG; ++n) {
+      const int gi = n * 32 + lane, g = slice * GS + (gi < GS ? gi : 0);
+      float d = 0.f;
+      if (FMT == 2) {
+        const u32 wd[4] = {b[j][n][0].a, b[j][n][0].b, b[j][n][0].c, b[j][n][0].d};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const u32 t = wd[w];
+          const F4 lo = xs4[(2 * w) * G + g], hi = xs4[(2 * w + 1) * G + g];
+          d += __uint_as_float(((t << 16) & mb) | cb) * lo.x + __uint_as_float(((t << 8) & ma) | ca) * lo.y
+             + __uint_as_float(((t << 8) & mb) | cb) * lo.z + __uint_as_float((t & ma) | ca) * lo.w
+             + __uint_as_float((t & mb) | cb) * hi.x + __uint_as_float(((t >> 8) & ma) | ca) * hi.y
+             + __uint_as_float(((t >> 8) & mb) | cb) * hi.z + __uint_as_float(((t >> 12) & mb) | cb) * hi.w;
+        }
+      } else {
+        const u32 wd[8] = {b[j][n][0].a, b[j][n][0].b, b[j][n][0].c, b[j][n][0].d,
+                           b[j][n][1].a, b[j][n][1].b, b[j][n][1].c, b[j][n][1].d};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const u32 t = wd[i] ^ 0x80808080u;  // signed bytes to q + 128
+          const F4 v = xs4[i * G + g];
+          d += __uint_as_float(((t << 8) & ma) | ca) * v.x + __uint_as_float((t & ma) | ca) * v.y
+             + __uint_as_float(((t >> 8) & ma) | ca) * v.z + __uint_as_float(((t >> 16) & ma) | ca) * v.w;
+        }
+      }
+      acc += h2f(sc[j][n]) * (d - xoff[g]);
+    }
+    const float s = warp_sum(acc);
+    if (lane == j) y = s;
+  }
+  finish_rows<DT, RPW, KSPLIT, MODE>(y, row0, N, red, FINISH_ARGS);
 }
 """
 
 NORM, GLU, RES, ROPE, OUT_F32 = 1, 2, 4, 8, 16
+DENSE, Q8_0, Q4_0 = 0, 1, 2  # as driftwood.model.cuda.kernels numbers them
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
-# (K, N) -> (warps a block, rows a warp group, warps a row): the fastest with PDL on the H100 in
+# (format, K, N) -> (warps a block, rows a warp group, warps a row): the fastest with PDL on the H100 in
 # scripts/gpu/cuda_gemv_sweep.py (2026-11-22; docs/gpu.md, twelfth pass) for the Llama-3.2-1B shapes;
-# by K alone for other shapes (the default for the rest)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (2048, 3072): (8, 4, 2),  # qkv 6.0 us
-    (2048, 2048): (8, 2, 1),  # o 4.0 us
-    (2048, 16384): (8, 2, 2),  # gate_up 25.2 us
-    (8192, 2048): (16, 1, 1),  # down 14.7 us
-    (2048, 128256): (8, 2, 2),  # head 172.6 us
+# otherwise by (format, K), else the default
+CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (DENSE, 2048, 3072): (8, 4, 2),  # qkv 6.0 us
+    (DENSE, 2048, 2048): (8, 2, 1),  # o 4.0 us
+    (DENSE, 2048, 16384): (8, 2, 2),  # gate_up 25.2 us
+    (DENSE, 8192, 2048): (16, 1, 1),  # down 14.7 us
+    (DENSE, 2048, 128256): (8, 2, 2),  # head 172.6 us
+    (Q4_0, 2048, 3072): (8, 2, 1),  # qkv 4.6 us (Triton 6.7)
+    (Q4_0, 2048, 2048): (16, 1, 1),  # o 2.6 (3.6)
+    (Q4_0, 2048, 16384): (8, 4, 1),  # gate_up 11.7 (11.4: kept for the PDL chain into down)
+    (Q4_0, 8192, 2048): (16, 1, 1),  # down 8.3 (10.0)
 }
-BY_K = {8192: (16, 1, 1)}
+BY_K = {(DENSE, 8192): (16, 1, 1)}
 DEFAULT_CONFIG = (8, 2, 1)
+# quantized matrices the Triton kernels run faster (kernels.shape_class): Q4_0's vocabulary head (77 us
+# against 68), and every Q8_0 product: alone with PDL its qkv and o were faster (5.6 against 6.3 us, 3.6
+# against 5.4), gate_up and the head even and down slower (13.9 against 10.1), but in the step, where the
+# kernel before qkv and o does not let them start early, Q8_0 decode took 0.870 ms/token against 0.823
+# (experiment-decode-cuda-2026-11-22-cuda-quant.json)
+TRITON_CLASSES = {Q4_0: {"vocab"}, Q8_0: {"vocab", "wide", "deep", "narrow", "mid"}}
+
+
+def lane_loads(fmt: int, k: int, rpw: int, ksplit: int) -> int:
+    """16-byte weight loads a lane holds at once in the quantized kernel (at most 8: more spill)."""
+    groups = k // 32 // ksplit
+    return rpw * -(-groups // 32) * (2 if fmt == Q8_0 else 1)
+
+
+def pick(fmt: int, k: int, n: int) -> tuple[int, int, int] | None:
+    """The launch configuration for an (n, k) matrix, None where the Triton kernel should run it."""
+    cfg = CONFIGS.get((fmt, k, n)) or BY_K.get((fmt, k))
+    if cfg:
+        return cfg
+    if fmt != DENSE:
+        from driftwood.model.cuda.kernels import shape_class
+
+        if shape_class(n, k) in TRITON_CLASSES[fmt]:
+            return None
+    return default_config(fmt, k)
+
+
+def default_config(fmt: int, k: int) -> tuple[int, int, int]:
+    """:data:`DEFAULT_CONFIG`, with fewer rows a group, then more warps a row, until a lane's
+    loads fit (the quantized kernel)."""
+    warps, rpw, ksplit = DEFAULT_CONFIG
+    while fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > 8:
+        rpw, ksplit = (1, ksplit) if rpw > 1 else (1, ksplit * 2)
+    return warps, rpw, ksplit
 
 
 class CompileError(RuntimeError):
@@ -268,8 +430,9 @@ def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None) -> 
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def kernel_name(dt: int, k: int, warps: int, rpw: int, ksplit: int, mode: int, pdl: bool) -> str:
-    return f"gemv_row<{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}>"
+def kernel_name(fmt: int, dt: int, k: int, warps: int, rpw: int, ksplit: int, mode: int, pdl: bool) -> str:
+    head = "gemv_row<" if fmt == DENSE else f"qgemv_row<{fmt}, "
+    return f"{head}{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}>"
 
 
 @functools.cache
@@ -292,21 +455,27 @@ def available(device_index: int = 0) -> bool:
     if not torch.cuda.is_available() or torch.version.hip:
         return False
     try:
-        _kernel(device_index, kernel_name(0, 256, 1, 1, 1, 0, False))
+        _kernel(device_index, kernel_name(DENSE, 0, 256, 1, 1, 1, 0, False))
         return True
     except Exception as exc:  # no NVRTC, a driver too old for the CUBIN: the Triton kernels serve
         log.warning("CUDA C++ kernels unavailable (%s); the Triton kernels run instead", exc)
         return False
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
-    """Whether :func:`gemv_row` runs this product: one row, bfloat16/float16 throughout, K a
-    multiple of 256, 16-byte aligned rows."""
-    k = weight.shape[1]
-    return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and weight.dtype == x.dtype
+def in_features(fmt: int, weight: torch.Tensor) -> int:
+    """K of a dense matrix, or of BlockLinear codes (int32 words: 8 Q4_0 or 4 Q8_0 codes each)."""
+    return weight.shape[1] * {DENSE: 1, Q8_0: 4, Q4_0: 8}[fmt]
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int = DENSE) -> bool:
+    """Whether :func:`gemv_row` runs this product: one row of bfloat16/float16 x; dense weights
+    of x's dtype, or Q4_0/Q8_0 codes (int32); K a multiple of 256; 16-byte aligned rows."""
+    k = in_features(fmt, weight)
+    wdtype = x.dtype if fmt == DENSE else torch.int32
+    return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and weight.dtype == wdtype
             and k % 256 == 0 and x.shape[1] == (2 * k if glu else k) and x.stride(1) == 1
             and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and available(x.device.index or 0))
+            and pick(fmt, k, weight.shape[0]) is not None and available(x.device.index or 0))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
@@ -337,15 +506,19 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None, glu: bool = False,
+def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None, glu: bool = False,
              out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
              norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
              config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """x (1, K) (or (1, 2K) with ``glu``) -> (1, N) = x' @ W.T (+ residual), as
-    :func:`~driftwood.model.cuda.kernels.gemv` defines it for one row (where :func:`supports`).
+    :func:`~driftwood.model.cuda.kernels.gemv` defines it for one row (where :func:`supports`):
+    W dense, or Q4_0/Q8_0 ``fmt`` codes with their ``scales`` (BlockLinear's layout).
     ``pdl``: launched to overlap the previous kernel's end (Hopper and later)."""
-    n, k = weight.shape
-    warps, rpw, ksplit = config or CONFIGS.get((k, n)) or BY_K.get(k, DEFAULT_CONFIG)
+    n, k = weight.shape[0], in_features(fmt, weight)
+    cfg = config or pick(fmt, k, n)
+    assert cfg is not None, "the Triton kernel runs this product (nvrtc.supports)"
+    warps, rpw, ksplit = cfg
     if rope is not None and rpw % 2:  # RoPE pairs rows within a warp
         rpw += 1
     pdl = pdl and pdl_supported(x.device.index or 0)
@@ -369,11 +542,14 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | 
             assert out.dtype == x.dtype
         tail = [_ptr(x)] * 5 + [i32(0)] * 5
     nw, eps = norm if norm is not None else (x, 0.0)
-    fn = _kernel(x.device.index or 0, kernel_name(DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), k * 4)
+    assert fmt == DENSE or (scales is not None and scales.dtype == torch.float16 and scales.is_contiguous()
+                            and lane_loads(fmt, k, rpw, ksplit) <= 8)
+    shared = k * 4 + (0 if fmt == DENSE else k // 32 * 4)  # x as float32 (+ a float a group)
+    fn = _kernel(x.device.index or 0, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), shared)
     rows = warps // ksplit * rpw
-    args = [_ptr(x), _ptr(weight), _ptr(nw), _ptr(residual if residual is not None else x), _ptr(out), i32(n),
-            ctypes.c_double(eps), *tail]
-    launch(fn, (n + rows - 1) // rows, warps * 32, k * 4, args, pdl)
+    args = [_ptr(x), _ptr(weight), _ptr(scales if scales is not None else x), _ptr(nw),
+            _ptr(residual if residual is not None else x), _ptr(out), i32(n), ctypes.c_double(eps), *tail]
+    launch(fn, (n + rows - 1) // rows, warps * 32, shared, args, pdl)
     return out
 
 
