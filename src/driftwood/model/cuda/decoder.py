@@ -103,7 +103,7 @@ class TritonOps(TorchOps):
     ``cuda_gemv``: one-row dense products through the CUDA C++ kernel of
     :mod:`driftwood.model.cuda.nvrtc` where it compiles and supports the shape (the Triton
     kernel otherwise); ``cuda_quant``: the one-row Q4_0 products too where that kernel measured
-    faster (:data:`~driftwood.model.cuda.nvrtc.TRITON_CLASSES`); ``cuda_pdl``: those launched
+    faster (:func:`~driftwood.model.cuda.nvrtc.pick`); ``cuda_pdl``: those launched
     with programmatic dependent launch, their first weights requested while the previous kernel
     ends (BF16 1.22 -> 1.06 ms/token on the H100, Q4_0 0.699 -> 0.666; docs/gpu.md's twelfth pass).
     ``pdl_attention``: attention's two kernels launched with it too, so that the o product's

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(GEMV_
   // the first two pieces are on their way while the previous kernel ends and x is staged
   LOAD_PIECE(b0, 0);
   if (P > 1) LOAD_PIECE(b1, 1);
-  if (PDL) pdl_start();
+  if constexpr (PDL != 0) pdl_start();  // griddepcontrol: sm_90 and later only
   stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) { return xs_index(k); });
 
   float y = 0.f, acc = 0.f;  // lane j < RPW ends with row row0 + j (its slice's part)
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
       sc[j][n] = ok ? scales[at] : (u16)0;
     }
   }
-  if (PDL) pdl_start();
+  if constexpr (PDL != 0) pdl_start();  // griddepcontrol: sm_90 and later only
   stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) {
     const int g = k >> 5, c = k & 31;
     const int chunk = FMT == 2 ? ((c & 3) * 2 + (c >> 4)) : (c & 7);  // Q4_0: column 4p + w; Q8_0: 8b + i
@@ -348,12 +348,12 @@ CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
 }
 BY_K = {(DENSE, 8192): (16, 1, 1)}
 DEFAULT_CONFIG = (8, 2, 1)
-# quantized matrices the Triton kernels run faster (kernels.shape_class): Q4_0's vocabulary head (77 us
-# against 68), and every Q8_0 product: alone with PDL its qkv and o were faster (5.6 against 6.3 us, 3.6
-# against 5.4), gate_up and the head even and down slower (13.9 against 10.1), but in the step, where the
-# kernel before qkv and o does not let them start early, Q8_0 decode took 0.870 ms/token against 0.823
-# (experiment-decode-cuda-2026-11-22-cuda-quant.json)
-TRITON_CLASSES = {Q4_0: {"vocab"}, Q8_0: {"vocab", "wide", "deep", "narrow", "mid"}}
+# Quantized products the Triton kernels run faster: Q4_0's vocabulary head (77 us against 68: rows >=
+# VOCAB_ROWS, as kernels.shape_class calls a matrix "vocab"), and every Q8_0 product: alone with PDL
+# its qkv and o were faster (5.6 against 6.3 us, 3.6 against 5.4), gate_up and the head even and down
+# slower (13.9 against 10.1), but in the step, where the kernel before qkv and o does not let them
+# start early, Q8_0 decode took 0.870 ms/token against 0.823 (experiment-decode-cuda-2026-11-22-cuda-quant.json)
+VOCAB_ROWS = 32768
 
 
 def lane_loads(fmt: int, k: int, rpw: int, ksplit: int) -> int:
@@ -367,11 +367,8 @@ def pick(fmt: int, k: int, n: int) -> tuple[int, int, int] | None:
     cfg = CONFIGS.get((fmt, k, n)) or BY_K.get((fmt, k))
     if cfg:
         return cfg
-    if fmt != DENSE:
-        from driftwood.model.cuda.kernels import shape_class
-
-        if shape_class(n, k) in TRITON_CLASSES[fmt]:
-            return None
+    if fmt == Q8_0 or (fmt == Q4_0 and n >= VOCAB_ROWS):
+        return None
     return default_config(fmt, k)
 
 
@@ -394,8 +391,10 @@ def _nvrtc() -> Any:
     return _get_gpu_rtc_library()
 
 
-def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None) -> tuple[bytes, dict[str, str]]:
-    """``source`` compiled for ``arch`` (e.g. "90") -> (CUBIN, {name expression: lowered name})."""
+def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None,
+                  options: tuple[str, ...] = ()) -> tuple[bytes, dict[str, str], str]:
+    """``source`` compiled for ``arch`` (e.g. "90") -> (CUBIN, {name expression: lowered name},
+    the compiler's log). ``lib``: libnvrtc (default torch's); ``options``: more NVRTC options."""
     lib = lib or _nvrtc()
     prog = ctypes.c_void_p()
 
@@ -404,18 +403,21 @@ def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None) -> 
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise CompileError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(rc).decode()}")
 
+    def program_log() -> str:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        return buf.value.decode(errors="replace")
+
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"driftwood.cu", 0, None, None), "create")
     try:
         for n in names:
             check(lib.nvrtcAddNameExpression(prog, n.encode()), "name expression")
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", b"-default-device"]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if rc != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            buf = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, buf)
-            raise CompileError(f"NVRTC compile failed:\n{buf.value.decode(errors='replace')}")
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", b"-default-device",
+                *(o.encode() for o in options)]
+        if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) != 0:
+            raise CompileError(f"NVRTC compile failed:\n{program_log()}")
         size = ctypes.c_size_t()
         check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "CUBIN size")
         cubin = ctypes.create_string_buffer(size.value)
@@ -425,7 +427,7 @@ def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None) -> 
             out = ctypes.c_char_p()
             check(lib.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(out)), "lowered name")
             lowered[n] = out.value.decode()
-        return cubin.raw, lowered
+        return cubin.raw, lowered, program_log()
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -443,7 +445,7 @@ def _kernel(device_index: int, name: str, shared: int = 0) -> Any:
 
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
-        cubin, lowered = compile_cubin(SOURCE, [name], f"{major}{minor}")
+        cubin, lowered, _ = compile_cubin(SOURCE, [name], f"{major}{minor}")
         fn = _cuda_load_module(cubin, [lowered[name]])[lowered[name]]
         fn.set_shared_memory_config(shared)
         return fn
@@ -451,13 +453,18 @@ def _kernel(device_index: int, name: str, shared: int = 0) -> Any:
 
 @functools.cache
 def available(device_index: int = 0) -> bool:
-    """Whether the kernels compile and load here (NVRTC present, a CUDA device); logged once if not."""
+    """Whether the kernels compile and load here (NVRTC present, a CUDA device, the driver's
+    cuLaunchKernelEx, torch's helpers where this module expects them); logged once if not."""
     if not torch.cuda.is_available() or torch.version.hip:
         return False
     try:
+        from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library  # noqa: F401 (launch's)
+
+        if not hasattr(_get_gpu_runtime_library(), "cuLaunchKernelEx"):
+            raise RuntimeError("the CUDA driver has no cuLaunchKernelEx")
         _kernel(device_index, kernel_name(DENSE, 0, 256, 1, 1, 1, 0, False))
         return True
-    except Exception as exc:  # no NVRTC, a driver too old for the CUBIN: the Triton kernels serve
+    except Exception as exc:  # no NVRTC, an old driver, another torch: the Triton kernels serve
         log.warning("CUDA C++ kernels unavailable (%s); the Triton kernels run instead", exc)
         return False
 
