@@ -134,7 +134,7 @@ class TritonOps(TorchOps):
             return k.DENSE, layer.weight, None
         return None
 
-    def _row_kernel(self, x, layer, glu=False) -> dict | None:
+    def _row_kernel(self, x, layer, glu=False, rope=False) -> dict | None:
         """The weights for :func:`~driftwood.model.cuda.nvrtc.gemv_row` where the CUDA C++ one-row
         kernel runs this product, else None."""
         nv = self.nvrtc
@@ -144,7 +144,7 @@ class TritonOps(TorchOps):
             kw = dict(weight=layer.codes, fmt=nv.Q4_0 if layer.fmt == "q4_0" else nv.Q8_0, scales=layer.scales)
         else:
             return None
-        return kw if nv.supports(x, kw["weight"], glu, kw["fmt"]) else None
+        return kw if nv.supports(x, kw["weight"], glu, kw["fmt"], rope) else None
 
     def rms_norm(self, x, weight, eps):
         return self.k.rms_norm(x, weight, eps, pdl=self.pdl)
@@ -172,7 +172,7 @@ class TritonOps(TorchOps):
         return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
     def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-        w = self._row_kernel(x, layer) if self.fuse_rope and self.fuse_norm else None
+        w = self._row_kernel(x, layer, rope=True) if self.fuse_rope and self.fuse_norm else None
         if w is not None and k_cache.dtype == x.dtype and head_dim % 2 == 0:
             rope = (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
             return self.nvrtc.gemv_row(x, **w, norm=(weight, eps), rope=rope, pdl=self.cuda_pdl)

@@ -48,10 +48,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pdl_supported() -> bool:
+    """Triton can launch with PDL and the GPU has griddepcontrol (compute capability 9.0+)."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
 
-        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None and not INTERPRET
+        return ("launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None and not INTERPRET
+                and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
     except Exception:  # no NVIDIA backend
         return False
 

@@ -172,7 +172,9 @@ __device__ __forceinline__ void pdl_start() {
 template <int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL>
 __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(GEMV_PARAMS) {  // <= 128 registers
   constexpr int NV = KD / 256 / KSPLIT;     // 16-byte loads a lane makes of a row (its warp's slice)
-  constexpr int PV = NV < 8 ? NV : 8;       // of them in one piece
+  // of them in one piece: the largest divisor of NV up to 8 (K = 3072: 6, 2304: 3, 18944: 2)
+  constexpr int PV = NV % 8 == 0 ? 8 : NV % 7 == 0 ? 7 : NV % 6 == 0 ? 6 : NV % 5 == 0 ? 5
+                   : NV % 4 == 0 ? 4 : NV % 3 == 0 ? 3 : NV % 2 == 0 ? 2 : 1;
   constexpr int PIECES = NV / PV;           // pieces a row
   constexpr int P = RPW * PIECES;           // pieces a warp
   static_assert(KD % (256 * KSPLIT) == 0 && NV % PV == 0 && WARPS % KSPLIT == 0, "K: a multiple of 256 a slice");
@@ -362,23 +364,39 @@ def lane_loads(fmt: int, k: int, rpw: int, ksplit: int) -> int:
     return rpw * -(-groups // 32) * (2 if fmt == Q8_0 else 1)
 
 
-def pick(fmt: int, k: int, n: int) -> tuple[int, int, int] | None:
-    """The launch configuration for an (n, k) matrix, None where the Triton kernel should run it."""
+def pick(fmt: int, k: int, n: int, rope: bool = False) -> tuple[int, int, int] | None:
+    """The launch configuration for an (n, k) matrix (``rope``: the QKV product with RoPE), None
+    where the Triton kernel should run it."""
     cfg = CONFIGS.get((fmt, k, n)) or BY_K.get((fmt, k))
-    if cfg:
-        return cfg
-    if fmt == Q8_0 or (fmt == Q4_0 and n >= VOCAB_ROWS):
-        return None
-    return default_config(fmt, k)
+    if cfg is None:
+        if fmt == Q8_0 or (fmt == Q4_0 and n >= VOCAB_ROWS):
+            return None
+        cfg = default_config(fmt, k)
+    return fit(fmt, k, cfg, rope)
 
 
 def default_config(fmt: int, k: int) -> tuple[int, int, int]:
     """:data:`DEFAULT_CONFIG`, with fewer rows a group, then more warps a row, until a lane's
     loads fit (the quantized kernel)."""
     warps, rpw, ksplit = DEFAULT_CONFIG
-    while fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > 8:
+    while fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > 8 and warps % (2 * ksplit) == 0:
         rpw, ksplit = (1, ksplit) if rpw > 1 else (1, ksplit * 2)
     return warps, rpw, ksplit
+
+
+def fit(fmt: int, k: int, cfg: tuple[int, int, int], rope: bool = False) -> tuple[int, int, int] | None:
+    """``cfg`` made valid for K = k, or None: RoPE pairs rows within a warp (an even number of
+    rows a group), the quantized kernel holds at most 8 loads a lane, 4 with RoPE (more warps a
+    row where needed), and K divides among a row's warps (256 columns a slice)."""
+    warps, rpw, ksplit = cfg
+    if rope and rpw % 2:
+        rpw += 1
+    most = 4 if rope else 8  # the RoPE epilogue's registers: 8 loads a lane spilled at K = 8192
+    while (fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > most and warps % (2 * ksplit) == 0
+           and k % (512 * ksplit) == 0):
+        ksplit *= 2
+    ok = warps % ksplit == 0 and k % (256 * ksplit) == 0 and (fmt == DENSE or lane_loads(fmt, k, rpw, ksplit) <= 8)
+    return (warps, rpw, ksplit) if ok else None
 
 
 class CompileError(RuntimeError):
@@ -474,7 +492,7 @@ def in_features(fmt: int, weight: torch.Tensor) -> int:
     return weight.shape[1] * {DENSE: 1, Q8_0: 4, Q4_0: 8}[fmt]
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int = DENSE) -> bool:
+def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int = DENSE, rope: bool = False) -> bool:
     """Whether :func:`gemv_row` runs this product: one row of bfloat16/float16 x; dense weights
     of x's dtype, or Q4_0/Q8_0 codes (int32); K a multiple of 256; 16-byte aligned rows."""
     k = in_features(fmt, weight)
@@ -482,7 +500,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int 
     return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and weight.dtype == wdtype
             and k % 256 == 0 and x.shape[1] == (2 * k if glu else k) and x.stride(1) == 1
             and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and pick(fmt, k, weight.shape[0]) is not None and available(x.device.index or 0))
+            and pick(fmt, k, weight.shape[0], rope) is not None and available(x.device.index or 0))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
@@ -523,11 +541,9 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
     W dense, or Q4_0/Q8_0 ``fmt`` codes with their ``scales`` (BlockLinear's layout).
     ``pdl``: launched to overlap the previous kernel's end (Hopper and later)."""
     n, k = weight.shape[0], in_features(fmt, weight)
-    cfg = config or pick(fmt, k, n)
+    cfg = fit(fmt, k, config, rope is not None) if config else pick(fmt, k, n, rope is not None)
     assert cfg is not None, "the Triton kernel runs this product (nvrtc.supports)"
     warps, rpw, ksplit = cfg
-    if rope is not None and rpw % 2:  # RoPE pairs rows within a warp
-        rpw += 1
     pdl = pdl and pdl_supported(x.device.index or 0)
     mode = (NORM if norm is not None else 0) | (GLU if glu else 0) | (RES if residual is not None else 0)
     i32 = ctypes.c_int
