@@ -93,16 +93,22 @@ def kwargs(name: str, nw: torch.Tensor, res: torch.Tensor, caches=None) -> dict:
     return {"norm": (nw, 1e-5), "out_dtype": torch.float32}
 
 
-def reference(name: str, w, x, nw, res) -> torch.Tensor:
-    if name in ("qkv", "gate_up", "head"):
-        xr = rms_norm(x, nw, 1e-5).float()
-    elif name == "down":
+def product_reference(w, x, *, norm=None, glu=False, residual=None) -> torch.Tensor:
+    """One product in float32 on float32 weights ``w``: x RMS-normed (``norm``: weight, eps) or
+    ``silu(gate) * up`` of a gate|up pair (``glu``), plus ``residual``."""
+    if norm is not None:
+        x = rms_norm(x, *norm).float()
+    elif glu:
         g, u = x.float().chunk(2, dim=-1)
-        xr = F.silu(g) * u
-    else:
-        xr = x.float()
-    y = xr @ w.t()
-    return y + res.float() if name in ("o", "down") else y
+        x = F.silu(g) * u
+    y = x.float() @ w.t()
+    return y if residual is None else y + residual.float()
+
+
+def reference(name: str, w, x, nw, res) -> torch.Tensor:
+    """The 1B product ``name`` as decode fuses it (:func:`kwargs`), in float32."""
+    return product_reference(w, x, norm=(nw, 1e-5) if name in ("qkv", "gate_up", "head") else None,
+                             glu=name == "down", residual=res if name in ("o", "down") else None)
 
 
 def caches(dtype):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from driftwood.model import load_model
 from driftwood.model.cuda.decoder import GraphDecoder, TorchOps, TritonOps
-from driftwood.model.llama import rms_norm
 from tests.model.conftest import TINY_LLAMA3
 
 if not torch.cuda.is_available():  # one skip for the module, not one per parametrized case
@@ -28,18 +26,8 @@ LAUNCHES += [(f, *launch) for f in ("q4_0", "q8_0") for launch in
               (torch.bfloat16, (16, 1, 1), True), (torch.bfloat16, (8, 4, 1), True)]]
 
 
-def _reference(w, x, *, norm=None, glu=False, residual=None):
-    if norm is not None:
-        x = rms_norm(x, *norm).float()
-    elif glu:
-        g, u = x.float().chunk(2, dim=-1)
-        x = F.silu(g) * u
-    y = x.float() @ w.t()
-    return y if residual is None else y + residual.float()
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+# the sweep's random matrices and float32 references (it imports the Triton kernels: CUDA only)
+from scripts.gpu.cuda_gemv_sweep import matrix, product_reference, rel  # noqa: E402
 
 
 @pytest.mark.parametrize("n,k", [(300, 256), (64, 768), (1000, 2048), (200, 3072), (130, 8192)])
@@ -48,8 +36,6 @@ def _rel(a, b):
 def test_products_match_float32(fmt, dtype, n, k, mode, config, pdl):
     """Dense weights, and Q4_0/Q8_0 codes in BlockLinear's layout (random codes and scales,
     dequantized in float32 for the reference)."""
-    from scripts.gpu.cuda_gemv_sweep import matrix
-
     from driftwood.model.cuda import nvrtc
 
     f = {"dense": nvrtc.DENSE, "q4_0": nvrtc.Q4_0, "q8_0": nvrtc.Q8_0}[fmt]
@@ -66,13 +52,13 @@ def test_products_match_float32(fmt, dtype, n, k, mode, config, pdl):
     # decode hands it the products it is faster for (nvrtc.pick); it computes the rest as well
     assert nvrtc.supports(x, wk["weight"], glu=mode == "glu", fmt=f) == (nvrtc.pick(f, k, n) is not None)
     config = config or nvrtc.pick(f, k, n) or nvrtc.default_config(f, k)
-    want = _reference(w, x, glu=mode == "glu", **kw)
+    want = product_reference(w, x, glu=mode == "glu", **kw)
     if "residual" in kw:
         kw["residual"] = kw["residual"].clone()  # written in place where out is the residual
     got = nvrtc.gemv_row(x, **wk, glu=mode == "glu", out_dtype=torch.float32 if mode == "norm_f32" else None,
                          config=config, pdl=pdl, out=kw.get("residual"), **kw)
     assert got.shape == (1, n) and got.dtype == (torch.float32 if mode == "norm_f32" else dtype)
-    assert _rel(got, want) < (1e-4 if mode == "norm_f32" else 4e-3)
+    assert rel(got, want) < (1e-4 if mode == "norm_f32" else 4e-3)
 
 
 @pytest.mark.parametrize("config", [None, (8, 2, 1), (4, 4, 2), (16, 1, 1)])
@@ -92,9 +78,9 @@ def test_qkv_rope_writes_the_cache_at_pos(config):
     kc, vc = (torch.zeros(1, HKV, cap, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     kr, vr = kc.clone(), vc.clone()
     q = nvrtc.gemv_row(x, w, norm=(nw, 1e-5), rope=(p, inv, kc, vc, H, HKV, D), config=config, pdl=True)
-    qkv = _reference(w.float(), x, norm=(nw, 1e-5)).bfloat16()
+    qkv = product_reference(w.float(), x, norm=(nw, 1e-5)).bfloat16()
     qr = TorchOps().rope_store(qkv, p, inv, kr, vr, H, HKV, D)
-    assert _rel(q, qr) < 1e-2 and _rel(kc[0, :, pos], kr[0, :, pos]) < 1e-2 and _rel(vc[0, :, pos], vr[0, :, pos]) < 1e-2
+    assert rel(q, qr) < 1e-2 and rel(kc[0, :, pos], kr[0, :, pos]) < 1e-2 and rel(vc[0, :, pos], vr[0, :, pos]) < 1e-2
     kc[0, :, pos] = 0
     vc[0, :, pos] = 0
     assert not kc.any() and not vc.any()
@@ -156,5 +142,5 @@ def test_step_with_the_cuda_kernel(tiny_gguf):
     eager = run(TritonOps(cuda_pdl=False), graphs=False)
     for _ in range(2):
         torch.testing.assert_close(run(TritonOps(), graphs=True), eager, rtol=0, atol=0)
-    assert _rel(eager, run(TritonOps(cuda_gemv=False), graphs=False)) < 2e-2
-    assert _rel(eager, run(TorchOps(), graphs=False)) < 5e-2
+    assert rel(eager, run(TritonOps(cuda_gemv=False), graphs=False)) < 2e-2
+    assert rel(eager, run(TorchOps(), graphs=False)) < 5e-2

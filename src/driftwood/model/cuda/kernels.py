@@ -52,8 +52,10 @@ def _pdl_supported() -> bool:
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
 
+        from driftwood.model.cuda.nvrtc import pdl_supported
+
         return ("launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None and not INTERPRET
-                and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+                and torch.cuda.is_available() and pdl_supported(torch.cuda.current_device()))
     except Exception:  # no NVIDIA backend
         return False
 

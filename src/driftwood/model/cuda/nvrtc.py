@@ -372,16 +372,16 @@ def pick(fmt: int, k: int, n: int, rope: bool = False) -> tuple[int, int, int] |
         if fmt == Q8_0 or (fmt == Q4_0 and n >= VOCAB_ROWS):
             return None
         cfg = default_config(fmt, k)
-    return fit(fmt, k, cfg, rope)
+    return fit(fmt, k, cfg, rope) if cfg else None
 
 
-def default_config(fmt: int, k: int) -> tuple[int, int, int]:
-    """:data:`DEFAULT_CONFIG`, with fewer rows a group, then more warps a row, until a lane's
-    loads fit (the quantized kernel)."""
+def default_config(fmt: int, k: int) -> tuple[int, int, int] | None:
+    """:data:`DEFAULT_CONFIG` fitted to K = k (:func:`fit`), with one row a group where a lane's
+    quantized loads would not fit two."""
     warps, rpw, ksplit = DEFAULT_CONFIG
-    while fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > 8 and warps % (2 * ksplit) == 0:
-        rpw, ksplit = (1, ksplit) if rpw > 1 else (1, ksplit * 2)
-    return warps, rpw, ksplit
+    if fmt != DENSE and lane_loads(fmt, k, rpw, ksplit) > 8:
+        rpw = 1
+    return fit(fmt, k, (warps, rpw, ksplit))
 
 
 def fit(fmt: int, k: int, cfg: tuple[int, int, int], rope: bool = False) -> tuple[int, int, int] | None:
@@ -565,8 +565,7 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
             assert out.dtype == x.dtype
         tail = [_ptr(x)] * 5 + [i32(0)] * 5
     nw, eps = norm if norm is not None else (x, 0.0)
-    assert fmt == DENSE or (scales is not None and scales.dtype == torch.float16 and scales.is_contiguous()
-                            and lane_loads(fmt, k, rpw, ksplit) <= 8)
+    assert fmt == DENSE or (scales is not None and scales.dtype == torch.float16 and scales.is_contiguous())
     shared = k * 4 + (0 if fmt == DENSE else k // 32 * 4)  # x as float32 (+ a float a group)
     fn = _kernel(x.device.index or 0, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), shared)
     rows = warps // ksplit * rpw
