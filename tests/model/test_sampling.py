@@ -143,6 +143,28 @@ def test_sampling_distribution_follows_the_probabilities():
     assert 0.72 < sum(draws) / len(draws) < 0.78
 
 
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=2, max_size=64),
+       st.sampled_from([1e-40, 1e-30, 1e-6, 1.0]), st.integers(0, 2**32))
+def test_huge_logits_over_a_tiny_temperature_draw_the_largest(values, temperature, seed):
+    """Scaling can overflow float32 (3e38 / 1e-6): the draw is then among the tokens that
+    overflowed, all of them at the largest scaled value (softmax alone would give NaN)."""
+    x = torch.tensor(values)
+    token = sample(x, SamplingParams(temperature=temperature), new_generator(seed))
+    scaled = x / temperature
+    if torch.isposinf(scaled).any():
+        assert math.isinf(scaled[token])
+    else:
+        assert math.isfinite(scaled[token])
+
+
+def test_infinite_and_missing_logits():
+    x = torch.tensor([0.0, float("inf"), 5.0, float("inf"), float("-inf")])
+    draws = {sample(x, SamplingParams(temperature=0.7), new_generator(s)) for s in range(40)}
+    assert draws == {1, 3}
+    with pytest.raises(ValueError, match="no finite value"):
+        sample(torch.full((4,), float("-inf")), SamplingParams(temperature=1.0), new_generator(0))
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(min_p=1.5),
                                  dict(repetition_penalty=0.0), dict(top_k=-1),
                                  dict(frequency_penalty=float("nan")), dict(presence_penalty=float("inf"))])

@@ -115,5 +115,16 @@ def sample(
     if params.temperature == 0.0:
         return int(torch.argmax(x))
     x = x / params.temperature
+    if bool(torch.isposinf(x).any()):  # an infinite logit, or a finite one over a tiny temperature
+        x = _limit(x)
+    elif not bool(torch.isfinite(x).any()):
+        raise ValueError("the logits hold no finite value: nothing to sample")
     x = min_p(top_p(top_k(x, params.top_k), params.top_p), params.min_p)
     return int(torch.multinomial(x.softmax(-1), 1, generator=generator))
+
+
+def _limit(x: torch.Tensor) -> torch.Tensor:
+    """The distribution that softmax tends to as the largest logits grow without bound: the
+    tokens whose scaled logit overflowed to +inf share all the mass equally (softmax itself would
+    return NaN)."""
+    return torch.zeros_like(x).masked_fill(~torch.isposinf(x), float("-inf"))
