@@ -55,8 +55,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(layout=layouts(), seed=st.integers(0, 2**31 - 1), headers=st.lists(st.integers(0, 600), min_size=5, max_size=5))
-def test_read_chunks_places_every_plane_and_hashes_the_whole_file(tmp_path, layout, seed, headers):
+@given(layout=layouts(), seed=st.integers(0, 2**31 - 1), headers=st.lists(st.integers(0, 600), min_size=5, max_size=5),
+       map_files=st.booleans())
+def test_read_chunks_places_every_plane_and_hashes_the_whole_file(tmp_path, layout, seed, headers, map_files):
+    """Mapped (streaming stores from the page cache, any alignment: headers of any length) or
+    read with preadv: the same bytes in the same places and the same digests."""
     shape, row, dtype, chunks = layout
     L, _, H, _, D = shape
     gen = torch.Generator().manual_seed(seed)
@@ -74,7 +77,7 @@ def test_read_chunks_places_every_plane_and_hashes_the_whole_file(tmp_path, layo
     fds = [os.open(path, os.O_RDONLY) for path, *_ in files]
     try:
         got = native.read_chunks([native.FileChunk(f.start, f.count, fd, f.header_bytes)
-                                  for (*_, f), fd in zip(files, fds, strict=True)], k, v, row)
+                                  for (*_, f), fd in zip(files, fds, strict=True)], k, v, row, map_files=map_files)
     finally:
         for fd in fds:
             os.close(fd)
@@ -101,7 +104,8 @@ def test_copy_chunks_places_every_plane(layout, seed, offset):
     assert same_bits(k, ek) and same_bits(v, ev)
 
 
-def test_short_and_unreadable_files_report_errors(tmp_path):
+@pytest.mark.parametrize("map_files", [True, False])
+def test_short_and_unreadable_files_report_errors(tmp_path, map_files):
     k = v = torch.zeros(2, 1, 2, 16, 4)
     full = 8 + 2 * 2 * 2 * 16 * 4 * 4 + 16 * 4
     for size in (0, 7, 8, full // 2, full - 1):
@@ -109,12 +113,86 @@ def test_short_and_unreadable_files_report_errors(tmp_path):
         path.write_bytes(b"\1" * size)
         fd = os.open(path, os.O_RDONLY)
         try:
-            (r,) = native.read_chunks([native.FileChunk(0, 16, fd, 8)], k, v)
+            (r,) = native.read_chunks([native.FileChunk(0, 16, fd, 8)], k, v, map_files=map_files)
         finally:
             os.close(fd)
         assert r.error == -1, size
-    (r,) = native.read_chunks([native.FileChunk(0, 16, 1 << 20, 8)], k, v)  # not an open file
+    (r,) = native.read_chunks([native.FileChunk(0, 16, 1 << 20, 8)], k, v, map_files=map_files)  # not an open file
     assert r.error == errno.EBADF
+
+
+def test_a_file_that_cannot_be_mapped_is_read_with_preadv(tmp_path):
+    """mmap refuses a descriptor opened write-only; the reader then takes the preadv path,
+    whose error (EBADF: not open for reading) shows that it ran."""
+    path = tmp_path / "chunk"
+    path.write_bytes(b"\1" * (8 + 2 * 2 * 2 * 16 * 4 * 4 + 16 * 4))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        (r,) = native.read_chunks([native.FileChunk(0, 16, fd, 8)], torch.zeros(2, 1, 2, 16, 4), torch.zeros(2, 1, 2, 16, 4))
+    finally:
+        os.close(fd)
+    assert r.error == errno.EBADF
+
+
+def test_sigbus_on_a_mapping_becomes_an_error_and_the_process_lives_on(tmp_path):
+    """Reading a mapping past the file's end raises SIGBUS, as reading a chunk file that another
+    process truncates after it was checked would: the guard turns it into SHRUNK, and restores
+    the thread's signal mask (a second fault is caught too, not fatal)."""
+    path = tmp_path / "short"
+    path.write_bytes(b"\1" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(3):
+            assert native.module().touch_mapping(fd, 1 << 16) == native.SHRUNK
+        assert native.module().touch_mapping(fd, 100) == 0
+    finally:
+        os.close(fd)
+
+
+def test_a_chunk_truncated_during_restores_is_refused_never_fatal(tiny, tmp_path):
+    """Another process cutting a chunk file short and restoring it, again and again, while
+    restores run: each restore either equals the snapshot or raises SnapshotError (the short
+    file, its digest, or the SIGBUS caught mid-read), and the process survives."""
+    import threading
+
+    from driftwood.errors import SnapshotError
+
+    live = tiny.new_session(capacity=1100, seed=3)
+    logits = live.prefill(prompt(1024))
+    store = DirectoryStore(tmp_path / "s", create=True)
+    save_session(store, "s", live, logits=logits)
+    rec = store.manifest("s").sessions[0]
+    victim = store.path(rec.chunks[1].obj.key)
+    blob = victim.read_bytes()
+    os.chmod(victim, 0o644)
+    stop = threading.Event()
+
+    def vandal():
+        with open(victim, "r+b") as f:
+            while not stop.is_set():
+                f.truncate(len(blob) // 3)
+                f.seek(0)
+                f.write(blob)
+                f.flush()
+
+    outcomes = {"exact": 0, "refused": 0}
+    worker = threading.Thread(target=vandal)
+    worker.start()
+    try:
+        for _ in range(60):
+            try:
+                got = restore_session(store, "s", tiny)
+            except SnapshotError:
+                outcomes["refused"] += 1
+                continue
+            assert torch.equal(got.session.kv_state()["k"], live.kv_state()["k"])
+            assert torch.equal(got.session.kv_state()["v"], live.kv_state()["v"])
+            got.session.close()
+            outcomes["exact"] += 1
+    finally:
+        stop.set()
+        worker.join()
+    assert outcomes["refused"] > 0, outcomes  # the race was really run
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,9 +5,10 @@ fresh directory store), to restore it into an empty session, and to recompute it
 own prefill; the bytes stored; and restore time against ``bytes ÷ bandwidth`` measured in the
 same run. Then the cost of saving again after 24 more tokens (incremental: only new chunks).
 
-- CPU: restore reads the directory store (files in the page cache) straight into the cache
-  with preadv, checking every chunk's xxh3 as it goes; bandwidth is a large torch copy. Reading
-  the same files whole, unchecked (the page cache's own speed), is reported beside it.
+- CPU: restore maps the directory store's files (in the page cache), hashing each plane with
+  xxh3 and copying it into the cache with streaming stores; bandwidth is a large torch copy.
+  Reading the same files whole, unchecked (the page cache's own speed), and read and hashed
+  into host buffers, are reported beside it.
 - CUDA: restore is from host memory (a pinned :class:`MemoryStore`, checked once when loaded)
   into the CUDA cache; bandwidth is a pinned host-to-device copy. Restoring from the directory
   store (read, check, copy) is reported beside it.
@@ -193,12 +194,14 @@ def run(args: argparse.Namespace) -> int:
                   "head_dim": model.config.head_dim, "kv_bytes_per_token": rows[0]["kv_bytes"] // rows[0]["tokens"]},
         "bandwidth": bw,
         "restore_from": {"headline": "host memory (pinned MemoryStore)" if cuda else "directory store",
-                         "dir": "directory store: files in the page cache, preadv, every chunk's xxh3 checked",
+                         "dir": "directory store: files in the page cache, " + (
+                             "preadv into pinned staging" if cuda else
+                             "mapped, each plane hashed and copied with streaming stores") + ", every chunk's xxh3 checked",
                          "file_read": "the same chunk files read whole with one preadv each on torch's thread "
                                       "count of Python threads, nothing checked or placed (the page cache's speed)",
                          "verified_read": "the same chunk files read whole and each hashed with xxh3-128 by the "
-                                          "native reader on torch's threads into host buffers, nothing placed "
-                                          "(the least a checked restore from the files costs)",
+                                          "native reader (preadv) on torch's threads into host buffers, "
+                                          "nothing placed",
                          "mem": "MemoryStore: objects in host memory" + (" (pinned)" if cuda else "")
                          + ", checked once when loaded"},
         "rows": rows,

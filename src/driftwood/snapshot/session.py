@@ -387,8 +387,9 @@ class _ChunkLoader:
 
     On the CPU with the cache's own dtype (``direct``): straight into the cache, and the
     session adopts the bytes in place. With the native reader (:mod:`driftwood.snapshot.native`)
-    every chunk in one call on torch's threads: a directory store's files read with preadv into
-    the cache's planes and hashed as they arrive, a memory store's payloads copied. Without
+    every chunk in one call on torch's threads: a directory store's files mapped, each plane
+    hashed from the page cache and copied into the cache with streaming stores (preadv where a
+    file cannot be mapped), a memory store's payloads copied the same way. Without
     it, here, a chunk at a time: preadv into the planes, hashing each group of planes while it
     is in cache, or one copy per side. (Python threads do not help: python-xxhash holds the
     GIL.) Signed restores take this path too (sha256 beside xxh3).
@@ -567,6 +568,8 @@ class _ChunkLoader:
     def _check_read(where: str, error: int) -> None:
         if error <= native.CUDA_ERROR:
             raise SnapshotError(f"{where}: CUDA driver error {native.CUDA_ERROR - error} copying it to the device")
+        if error == native.SHRUNK:
+            raise SnapshotError(f"{where}: the file was cut short while it was read (truncated by another process?)")
         if error:
             raise SnapshotError(f"{where}: the file ended early (truncated?)" if error < 0
                                 else f"{where}: {os.strerror(error)}")

@@ -66,7 +66,7 @@ class ChunkRead:
     header: bytes
     digest: str  # xxh3-128, hex, as python-xxhash's hexdigest
     ids: np.ndarray  # int32 token ids
-    error: int  # 0; -1: the file ended early; else an errno
+    error: int  # 0; -1: the file ended early; SHRUNK: it shrank while read; else an errno
 
 
 class _Cache(NamedTuple):
@@ -112,16 +112,23 @@ def wake() -> None:
     _built().wake()
 
 
-def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, row: int = 0) -> list[ChunkRead]:
+SHRUNK = -3  # chunks.cpp's kShrunk: the file shrank while it was mapped (SIGBUS, caught)
+
+
+def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, row: int = 0, *,
+                map_files: bool = True) -> list[ChunkRead]:
     """Read whole chunk files (header | k planes | v planes | int32 ids) into the cache, each
-    hashed with xxh3-128 as it is read."""
+    hashed with xxh3-128 as it is read: mapped, each plane hashed from the page cache and
+    copied with streaming stores (``map_files``, falling back per file where mapping fails), or
+    with preadv into the planes and hashed there. A status of :data:`SHRUNK`: the file was cut
+    short while it was read."""
     mod = _built()
     cache = _cache_args(k, v, row, files)
     headers = [np.empty(f.header_bytes, np.uint8) for f in files]
     ids = [np.empty(f.count, np.int32) for f in files]
     digests, errors = mod.read_chunks(
         [f.fd for f in files], [h.ctypes.data for h in headers], [f.header_bytes for f in files],
-        [f.start for f in files], [f.count for f in files], [i.ctypes.data for i in ids], *cache)
+        [f.start for f in files], [f.count for f in files], [i.ctypes.data for i in ids], *cache, map_files)
     return [ChunkRead(h.tobytes(), d.hex(), i, e) for h, d, i, e in zip(headers, digests, ids, errors, strict=True)]
 
 

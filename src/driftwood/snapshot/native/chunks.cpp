@@ -9,8 +9,12 @@
 //
 // read_chunks: whole chunk files -> header, planes and token ids, hashing each file with
 // xxh3-128 as it goes (xxHash 0.8.4, vendored as xxhash.h: the same digest python-xxhash gives
-// the writer). Planes are read with preadv about 256 KiB at a time and hashed while still in the
-// core's cache. copy_chunks: payloads already in memory (checked when they were loaded) ->
+// the writer). Each file is mapped and read once: a plane is hashed straight from the page cache
+// and, while it is still in the core's cache, copied into the KV cache with streaming stores
+// (no read of the destination lines first). That moves the bytes once, where reading the file
+// with preadv (the fallback where a file cannot be mapped) copies them into the cache in the
+// kernel and the hash reads them back. A file truncated while mapped raises SIGBUS on access;
+// the handler below turns that into an error for the chunk. copy_chunks: payloads already in memory (checked when they were loaded) ->
 // planes. read_files: whole files into host buffers as they are (the staging of a restore into
 // a GPU cache or another dtype), hashed the same way; read_files_to_gpu also queues each file's
 // payload for the GPU from the thread that reads it, a step at a time, so that the
@@ -23,14 +27,21 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <immintrin.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <csetjmp>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <vector>
 
 #define XXH_INLINE_ALL
@@ -95,6 +106,121 @@ struct Xxh3 {
     std::memcpy(out, canon.digest, 16);
   }
 };
+
+// n bytes to dst with streaming (non-temporal) stores for the aligned body: a restore writes
+// each cache line whole and does not read it soon, so the lines are not fetched first.
+void stream_copy(uint8_t* dst, const uint8_t* src, size_t n) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+  constexpr size_t kVec = 64;
+#else
+  constexpr size_t kVec = 32;
+#endif
+  const size_t head = std::min(n, (kVec - (reinterpret_cast<uintptr_t>(dst) & (kVec - 1))) & (kVec - 1));
+  std::memcpy(dst, src, head);
+  dst += head, src += head, n -= head;
+  const size_t body = n & ~(kVec - 1);
+  for (size_t i = 0; i < body; i += kVec) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#endif
+  }
+  std::memcpy(dst + body, src + body, n - body);
+#else
+  std::memcpy(dst, src, n);
+#endif
+}
+
+void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // streaming stores are weakly ordered: visible before the caller is told "done"
+#endif
+}
+
+// SIGBUS while this thread reads a mapping (the file shrank after it was checked) jumps back to
+// map_chunk; any other SIGBUS goes to the handler that was there before (Python's faulthandler,
+// or the default action). Volatile: the stores around a guarded read must not be merged away.
+thread_local sigjmp_buf* volatile t_mapping = nullptr;
+struct sigaction g_previous_sigbus;
+std::once_flag g_sigbus_installed;
+
+// Arm and disarm the guard: the fences keep the compiler from moving the mapped reads outside.
+void guard(sigjmp_buf* jump) {
+  t_mapping = jump;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+
+void unguard() {
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  t_mapping = nullptr;
+}
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  if (t_mapping != nullptr) siglongjmp(*t_mapping, 1);
+  const struct sigaction& prev = g_previous_sigbus;
+  if (prev.sa_flags & SA_SIGINFO) {
+    prev.sa_sigaction(sig, info, context);
+  } else if (prev.sa_handler == SIG_DFL) {
+    signal(sig, SIG_DFL);  // returning re-runs the faulting access: the default action then
+  } else if (prev.sa_handler != SIG_IGN) {
+    prev.sa_handler(sig);
+  }
+}
+
+void install_sigbus_handler() {
+  std::call_once(g_sigbus_installed, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &g_previous_sigbus);
+  });
+}
+
+constexpr int kNoMap = -2;      // the file could not be mapped: read it with preadv instead
+constexpr int kShrunk = -3;     // the file shrank while it was read (SIGBUS on the mapping)
+
+int map_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes, int64_t t0,
+              int64_t count, uint8_t* ids, uint8_t digest[16]) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return errno;
+  const size_t plane = count * cache.row_bytes;
+  const size_t need = header_bytes + 2 * cache.layers * cache.heads * plane + 4 * count;
+  if (static_cast<size_t>(st.st_size) < need) return -1;
+  void* const mapped = mmap(nullptr, need, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (mapped == MAP_FAILED) return kNoMap;
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 1) != 0) {  // 1: restore the signal mask (SIGBUS is blocked in the handler)
+    unguard();
+    store_fence();
+    munmap(mapped, need);
+    return kShrunk;
+  }
+  guard(&jump);
+  Xxh3 hash;
+  const uint8_t* src = static_cast<const uint8_t*>(mapped);
+  std::memcpy(header, src, header_bytes);
+  hash.update(src, header_bytes);
+  src += header_bytes;
+  for (int s = 0; s < 2; ++s) {
+    for (int64_t l = 0; l < cache.layers; ++l) {
+      for (int64_t h = 0; h < cache.heads; ++h, src += plane) {
+        hash.update(src, plane);
+        stream_copy(cache.plane(s, l, h, t0), src, plane);
+      }
+    }
+  }
+  std::memcpy(ids, src, 4 * count);
+  hash.update(src, 4 * count);
+  unguard();
+  store_fence();
+  hash.digest(digest);
+  munmap(mapped, need);
+  return 0;
+}
 
 int read_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes, int64_t t0,
                int64_t count, uint8_t* ids, uint8_t digest[16]) {
@@ -184,8 +310,8 @@ int read_file(int fd, uint8_t* dest, int64_t size, const Gpu* gpu, const Payload
 }
 
 // read(c, digest of file c) for every file on torch's threads -> the Python result
-// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early), errno, or
-// kCudaError minus a CUDA driver error]).
+// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early), kShrunk (it
+// shrank while mapped), errno, or kCudaError minus a CUDA driver error]).
 py::tuple read_each(size_t n, const std::function<int(size_t, uint8_t*)>& read) {
   std::vector<uint8_t> digests(16 * n);
   std::vector<int> status(n);
@@ -204,18 +330,46 @@ Cache make_cache(uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_
 }  // namespace
 
 // Returns read_each's ([digest of each file], [status of each file]).
+// map: through map_chunk, falling back to read_chunk for a file that cannot be mapped; else
+// read_chunk for every file.
 py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std::vector<int64_t> header_bytes,
                       std::vector<int64_t> starts, std::vector<int64_t> counts, std::vector<uintptr_t> ids,
                       uintptr_t k, uintptr_t v, int64_t layers, int64_t heads, int64_t layer_stride,
-                      int64_t head_stride, int64_t row_bytes) {
+                      int64_t head_stride, int64_t row_bytes, bool map) {
   const size_t n = fds.size();
   if (headers.size() != n || header_bytes.size() != n || starts.size() != n || counts.size() != n || ids.size() != n)
     throw std::invalid_argument("read_chunks: one header, start, count and id buffer per file");
   const Cache cache = make_cache(k, v, layers, heads, layer_stride, head_stride, row_bytes);
+  if (map) install_sigbus_handler();
   return read_each(n, [&](size_t c, uint8_t* digest) {
-    return read_chunk(cache, fds[c], reinterpret_cast<uint8_t*>(headers[c]), header_bytes[c], starts[c], counts[c],
-                      reinterpret_cast<uint8_t*>(ids[c]), digest);
+    auto* header = reinterpret_cast<uint8_t*>(headers[c]);
+    auto* id_buffer = reinterpret_cast<uint8_t*>(ids[c]);
+    if (map) {
+      const int status = map_chunk(cache, fds[c], header, header_bytes[c], starts[c], counts[c], id_buffer, digest);
+      if (status != kNoMap) return status;
+    }
+    return read_chunk(cache, fds[c], header, header_bytes[c], starts[c], counts[c], id_buffer, digest);
   });
+}
+
+// A test of the SIGBUS guard: map size bytes of fd (more than the file holds, to provoke the
+// signal) and read every page under the guard. 0, kShrunk after a SIGBUS, kNoMap, or errno.
+int touch_mapping(int fd, int64_t size) {
+  install_sigbus_handler();
+  void* const mapped = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (mapped == MAP_FAILED) return kNoMap;
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 1) != 0) {
+    unguard();
+    munmap(mapped, size);
+    return kShrunk;
+  }
+  guard(&jump);
+  volatile uint8_t sink = 0;
+  for (int64_t at = 0; at < size; at += 4096) sink = sink + static_cast<const volatile uint8_t*>(mapped)[at];
+  unguard();
+  munmap(mapped, size);
+  return 0;
 }
 
 // Returns read_each's ([digest of each file's first size bytes], [status of each file]).
@@ -268,7 +422,8 @@ void copy_chunks(std::vector<uintptr_t> payloads, std::vector<int64_t> starts, s
     const size_t plane = counts[c] * cache.row_bytes;
     const uint8_t* src = reinterpret_cast<const uint8_t*>(payloads[c]) + s * layers * heads * plane;
     for (int64_t l = 0; l < layers; ++l)
-      for (int64_t h = 0; h < heads; ++h, src += plane) std::memcpy(cache.plane(s, l, h, starts[c]), src, plane);
+      for (int64_t h = 0; h < heads; ++h, src += plane) stream_copy(cache.plane(s, l, h, starts[c]), src, plane);
+    store_fence();
   });
 }
 
@@ -282,6 +437,7 @@ void wake() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wake", &wake, "Run every intra-op thread once (chunks.cpp)");
   m.def("read_chunks", &read_chunks, "Read and hash KV chunk files into a CPU cache (chunks.cpp)");
+  m.def("touch_mapping", &touch_mapping, "Read a mapping of fd under the SIGBUS guard (chunks.cpp, for tests)");
   m.def("read_files", &read_files, "Read and hash whole files into host buffers (chunks.cpp)");
   m.def("read_files_to_gpu", &read_files_to_gpu,
         "read_files, queuing each file's payload for the GPU as it arrives (chunks.cpp)");
