@@ -114,17 +114,20 @@ def sample(
     x = frequency_presence_penalty(x, recent, params.frequency_penalty, params.presence_penalty)
     if params.temperature == 0.0:
         return int(torch.argmax(x))
-    x = x / params.temperature
-    if bool(torch.isposinf(x).any()):  # an infinite logit, or a finite one over a tiny temperature
-        x = _limit(x)
-    elif not bool(torch.isfinite(x).any()):
-        raise ValueError("the logits hold no finite value: nothing to sample")
+    x = _scaled(x, params.temperature)
     x = min_p(top_p(top_k(x, params.top_k), params.top_p), params.min_p)
     return int(torch.multinomial(x.softmax(-1), 1, generator=generator))
 
 
-def _limit(x: torch.Tensor) -> torch.Tensor:
-    """The distribution that softmax tends to as the largest logits grow without bound: the
-    tokens whose scaled logit overflowed to +inf share all the mass equally (softmax itself would
-    return NaN)."""
-    return torch.zeros_like(x).masked_fill(~torch.isposinf(x), float("-inf"))
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``x / temperature`` shifted so that its largest value is 0 (the filters after it and
+    softmax do not change under a shift): a huge logit over a tiny temperature cannot overflow
+    to +inf and make softmax NaN; the others may go to -inf, where their probability is 0
+    anyway. +inf logits (a guest may write any float into logits it owns) take all the mass,
+    shared equally, which is softmax's limit."""
+    if bool(torch.isposinf(x).any()):
+        return torch.zeros_like(x).masked_fill(~torch.isposinf(x), float("-inf"))
+    top = x.max()
+    if not bool(torch.isfinite(top)):
+        raise ValueError("the logits hold no finite value: nothing to sample")
+    return (x - top) / temperature
