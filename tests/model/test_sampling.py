@@ -144,7 +144,7 @@ def test_sampling_distribution_follows_the_probabilities():
 
 
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=2, max_size=64),
-       st.sampled_from([1e-40, 1e-30, 1e-6, 1.0]), st.integers(0, 2**32))
+       st.sampled_from([5e-324, 1e-46, 1e-40, 1e-30, 1e-6, 1.0]), st.integers(0, 2**32))
 def test_any_logits_over_any_temperature_draw_a_likely_token(values, temperature, seed):
     """Scaling can overflow float32 (3e38 / 1e-6, or -1 / 1e-40): the draw is still a token
     that float64 softmax gives a probability above zero (only the largest logits, when the
@@ -155,16 +155,27 @@ def test_any_logits_over_any_temperature_draw_a_likely_token(values, temperature
     assert p[token] > 0
 
 
-def test_infinite_and_missing_logits():
-    x = torch.tensor([0.0, float("inf"), 5.0, float("inf"), float("-inf")])
-    draws = {sample(x, SamplingParams(temperature=0.7), new_generator(s)) for s in range(40)}
-    assert draws == {1, 3}
-    with pytest.raises(ValueError, match="no finite value"):
-        sample(torch.full((4,), float("-inf")), SamplingParams(temperature=1.0), new_generator(0))
+@pytest.mark.parametrize("temperature", [5e-324, 1e-46, 1e-40])
+def test_a_temperature_below_float32s_range_draws_among_the_largest(temperature):
+    x = torch.tensor([-1.0, 0.5, 0.5, -3.0, 0.25])
+    assert {sample(x, SamplingParams(temperature=temperature), new_generator(s)) for s in range(40)} == {1, 2}
+
+
+def test_infinite_nan_and_missing_logits():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([0.0, inf, 5.0, inf, -inf, nan])
+    assert {sample(x, SamplingParams(temperature=0.7), new_generator(s)) for s in range(40)} == {1, 3}
+    x = torch.tensor([nan, 1.0, 2.0, nan])  # NaN is never drawn, greedy or sampled
+    assert sample(x, SamplingParams(), new_generator(0)) == 2
+    assert {sample(x, SamplingParams(temperature=1.0), new_generator(s)) for s in range(40)} == {1, 2}
+    for hopeless in ([-inf] * 4, [nan, -inf, nan]):
+        with pytest.raises(ValueError, match="nothing to sample"):
+            sample(torch.tensor(hopeless), SamplingParams(temperature=1.0), new_generator(0))
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(min_p=1.5),
-                                 dict(repetition_penalty=0.0), dict(top_k=-1),
+                                 dict(repetition_penalty=0.0), dict(top_k=-1), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(repetition_penalty=float("inf")),
                                  dict(frequency_penalty=float("nan")), dict(presence_penalty=float("inf"))])
 def test_invalid_params(bad):
     with pytest.raises(ValueError):

@@ -4,8 +4,10 @@ restore through it equal to one through the Python path."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +18,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from driftwood.errors import SnapshotError
 from driftwood.snapshot import native
 from driftwood.snapshot.session import restore_session, save_session
 from driftwood.snapshot.store import DirectoryStore, MemoryStore
@@ -134,29 +137,112 @@ def test_a_file_that_cannot_be_mapped_is_read_with_preadv(tmp_path):
     assert r.error == errno.EBADF
 
 
-def test_sigbus_on_a_mapping_becomes_an_error_and_the_process_lives_on(tmp_path):
-    """Reading a mapping past the file's end raises SIGBUS, as reading a chunk file that another
-    process truncates after it was checked would: the guard turns it into SHRUNK, and restores
-    the thread's signal mask (a second fault is caught too, not fatal)."""
-    path = tmp_path / "short"
-    path.write_bytes(b"\1" * 100)
-    fd = os.open(path, os.O_RDONLY)
+def chunk_files(tmp_path: Path, n: int, count: int = 64, seed: int = 0) -> tuple[list[Path], int]:
+    """n chunk files for a (2, 1, 2, n * count, 64) float32 cache (a 16-byte header each), and
+    the header's length."""
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"chunk{i}"
+        path.write_bytes(b"h" * 16 + payload(2, 2, 64, count, torch.float32, gen).numpy().tobytes()
+                         + np.arange(count, dtype="<i4").tobytes())
+        paths.append(path)
+    return paths, 16
+
+
+def read_all_chunks(paths: list[Path], header: int, k: torch.Tensor, v: torch.Tensor, count: int = 64,
+                    **kw) -> list[native.ChunkRead]:
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
-        for _ in range(3):
-            assert native.module().touch_mapping(fd, 1 << 16) == native.SHRUNK
-        assert native.module().touch_mapping(fd, 100) == 0
+        return native.read_chunks([native.FileChunk(i * count, count, fd, header) for i, fd in enumerate(fds)],
+                                  k, v, **kw)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def cut_after_mapping(size: int):
+    native.module().truncate_after_map_for_tests(size)
+    try:
+        yield
+    finally:
+        native.module().truncate_after_map_for_tests(-1)
+
+
+def test_a_file_cut_short_while_mapped_is_reported_and_the_process_lives_on(tmp_path):
+    """Each file cut to 100 bytes right after it is mapped, on torch's threads: reading past the
+    end raises SIGBUS, which the guard turns into MAP_FAULT for that file, round after round
+    (the signal mask is restored each time); afterwards files read normally."""
+    k, v = torch.zeros(2, 1, 2, 4 * 64, 64), torch.zeros(2, 1, 2, 4 * 64, 64)
+    for round_ in range(3):
+        paths, header = chunk_files(tmp_path, 4, seed=round_)
+        with cut_after_mapping(100):
+            got = read_all_chunks(paths, header, k, v)
+        assert [r.error for r in got] == [native.MAP_FAULT] * 4
+        assert all(p.stat().st_size == 100 for p in paths)
+    paths, header = chunk_files(tmp_path, 4)
+    got = read_all_chunks(paths, header, k, v)
+    assert [r.error for r in got] == [0] * 4
+    assert [r.digest for r in got] == [xxhash.xxh3_128_hexdigest(p.read_bytes()) for p in paths]
+
+
+def test_a_restore_whose_file_is_cut_short_midway_is_refused(tiny, tmp_path):
+    live = tiny.new_session(capacity=600, seed=3)
+    logits = live.prefill(prompt(520))
+    store = DirectoryStore(tmp_path / "s", create=True)
+    save_session(store, "s", live, logits=logits)
+    for path in (store.path(c.obj.key) for c in store.manifest("s").sessions[0].chunks):
+        os.chmod(path, 0o644)
+    with cut_after_mapping(100), pytest.raises(SnapshotError, match="reading the file failed midway"):
+        restore_session(store, "s", tiny)
+
+
+@pytest.mark.parametrize("map_files", [True, False])
+def test_what_is_hashed_is_what_is_placed_while_the_file_changes(tmp_path, map_files):
+    """Another thread flips one byte of a chunk file in place, back and forth, while it is read
+    again and again: whenever the digest is one version's, the cache holds that version (the
+    mapped path hashes the copy it places, not a second read of the page cache)."""
+    (path,), header = chunk_files(tmp_path, 1, count=32)
+    versions = [path.read_bytes()]
+    flipped = bytearray(versions[0])
+    at = header + 5000  # inside the second page of the keys
+    flipped[at] ^= 0xFF
+    versions.append(bytes(flipped))
+    digests = [xxhash.xxh3_128_hexdigest(b) for b in versions]
+    planes = [torch.frombuffer(bytearray(b[header:-4 * 32]), dtype=torch.float32).view(2, 2, 2, 32, 64) for b in versions]
+    stop = threading.Event()
+
+    def flip():
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while not stop.is_set():
+                for b in versions:
+                    os.pwrite(fd, b[at : at + 1], at)
+        finally:
+            os.close(fd)
+
+    k, v = torch.zeros(2, 1, 2, 32, 64), torch.zeros(2, 1, 2, 32, 64)
+    seen = {0: 0, 1: 0, None: 0}
+    worker = threading.Thread(target=flip)
+    worker.start()
+    try:
+        for _ in range(3000):
+            (r,) = read_all_chunks([path], header, k, v, count=32, map_files=map_files)
+            which = digests.index(r.digest) if r.digest in digests else None
+            seen[which] += 1
+            if which is not None:
+                assert same_bits(k[:, 0], planes[which][0]) and same_bits(v[:, 0], planes[which][1]), which
+    finally:
+        stop.set()
+        worker.join()
+    assert seen[0] and seen[1], seen  # both versions were read while the other thread wrote
 
 
 def test_a_chunk_truncated_during_restores_is_refused_never_fatal(tiny, tmp_path):
     """Another process cutting a chunk file short and restoring it, again and again, while
     restores run: each restore either equals the snapshot or raises SnapshotError (the short
     file, its digest, or the SIGBUS caught mid-read), and the process survives."""
-    import threading
-
-    from driftwood.errors import SnapshotError
-
     live = tiny.new_session(capacity=1100, seed=3)
     logits = live.prefill(prompt(1024))
     store = DirectoryStore(tmp_path / "s", create=True)

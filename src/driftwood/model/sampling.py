@@ -28,6 +28,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token that occurred; 0.0: off
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"invalid sampling parameters {self}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling parameters {self}")
         if not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0 or self.repeat_last_n < 0:
@@ -109,6 +111,8 @@ def sample(
 ) -> int:
     """Choose the next token from (vocab,) logits."""
     x = logits.detach().to("cpu", torch.float32)
+    if bool(torch.isnan(x).any()):  # never drawn (a guest may write anything into logits it owns)
+        x = x.masked_fill(torch.isnan(x), float("-inf"))
     recent = history[-params.repeat_last_n :] if params.repeat_last_n else ()
     x = repetition_penalty(x, recent, params.repetition_penalty)
     x = frequency_presence_penalty(x, recent, params.frequency_penalty, params.presence_penalty)
@@ -120,14 +124,17 @@ def sample(
 
 
 def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``x / temperature`` shifted so that its largest value is 0 (the filters after it and
-    softmax do not change under a shift): a huge logit over a tiny temperature cannot overflow
-    to +inf and make softmax NaN; the others may go to -inf, where their probability is 0
-    anyway. +inf logits (a guest may write any float into logits it owns) take all the mass,
-    shared equally, which is softmax's limit."""
+    """``x / temperature``; where that overflows (a huge logit over a tiny temperature) or the
+    temperature is 0 in float32 (below ~1.4e-45), the same shifted so that its largest value is
+    exactly 0 (the filters after it and softmax do not change under a shift; the others may go
+    to -inf, where their probability is 0 anyway). +inf logits (a guest may write any float
+    into logits it owns) take all the mass, shared equally: softmax's limit."""
     if bool(torch.isposinf(x).any()):
         return torch.zeros_like(x).masked_fill(~torch.isposinf(x), float("-inf"))
     top = x.max()
     if not bool(torch.isfinite(top)):
-        raise ValueError("the logits hold no finite value: nothing to sample")
-    return (x - top) / temperature
+        raise ValueError("every logit is -inf or NaN: nothing to sample")
+    y = x / temperature
+    if bool(torch.isfinite(y.max())):
+        return y  # every ordinary case: unchanged, bit for bit, from before these guards
+    return torch.where(x == top, 0.0, (x - top) / temperature)

@@ -568,8 +568,9 @@ class _ChunkLoader:
     def _check_read(where: str, error: int) -> None:
         if error <= native.CUDA_ERROR:
             raise SnapshotError(f"{where}: CUDA driver error {native.CUDA_ERROR - error} copying it to the device")
-        if error == native.SHRUNK:
-            raise SnapshotError(f"{where}: the file was cut short while it was read (truncated by another process?)")
+        if error == native.MAP_FAULT:
+            raise SnapshotError(f"{where}: reading the file failed midway (cut short by another process, "
+                                "or an I/O error)")
         if error:
             raise SnapshotError(f"{where}: the file ended early (truncated?)" if error < 0
                                 else f"{where}: {os.strerror(error)}")

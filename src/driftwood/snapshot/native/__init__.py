@@ -66,7 +66,7 @@ class ChunkRead:
     header: bytes
     digest: str  # xxh3-128, hex, as python-xxhash's hexdigest
     ids: np.ndarray  # int32 token ids
-    error: int  # 0; -1: the file ended early; SHRUNK: it shrank while read; else an errno
+    error: int  # 0; -1: the file ended early; MAP_FAULT: SIGBUS reading it mapped; else an errno
 
 
 class _Cache(NamedTuple):
@@ -112,16 +112,16 @@ def wake() -> None:
     _built().wake()
 
 
-SHRUNK = -3  # chunks.cpp's kShrunk: the file shrank while it was mapped (SIGBUS, caught)
+MAP_FAULT = -3  # chunks.cpp's kFault: SIGBUS reading the mapped file (cut short meanwhile, or an I/O error)
 
 
 def read_chunks(files: Sequence[FileChunk], k: torch.Tensor, v: torch.Tensor, row: int = 0, *,
                 map_files: bool = True) -> list[ChunkRead]:
     """Read whole chunk files (header | k planes | v planes | int32 ids) into the cache, each
-    hashed with xxh3-128 as it is read: mapped, each plane hashed from the page cache and
-    copied with streaming stores (``map_files``, falling back per file where mapping fails), or
-    with preadv into the planes and hashed there. A status of :data:`SHRUNK`: the file was cut
-    short while it was read."""
+    hashed with xxh3-128 as it is read: mapped, each page copied once from the page cache into
+    a buffer in L1, hashed there and streamed into the cache (``map_files``, falling back per
+    file where mapping fails), or with preadv into the planes and hashed there. A status of :data:`MAP_FAULT`: reading the
+    mapped file raised SIGBUS (cut short while it was read, or an I/O error), caught."""
     mod = _built()
     cache = _cache_args(k, v, row, files)
     headers = [np.empty(f.header_bytes, np.uint8) for f in files]

@@ -41,6 +41,8 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -143,49 +145,90 @@ void store_fence() {
 #endif
 }
 
-// SIGBUS while this thread reads a mapping (the file shrank after it was checked) jumps back to
-// map_chunk; any other SIGBUS goes to the handler that was there before (Python's faulthandler,
-// or the default action). Volatile: the stores around a guarded read must not be merged away.
-thread_local sigjmp_buf* volatile t_mapping = nullptr;
-struct sigaction g_previous_sigbus;
-std::once_flag g_sigbus_installed;
+// The SIGBUS guard. Reading a mapped page that the file no longer holds (another process cut the
+// file short after it was checked) or that the filesystem cannot supply (an I/O error) raises
+// SIGBUS at the access. While a thread reads a mapping, its guard holds the mapping's range and
+// where to jump: a fault inside that range on that thread returns to map_chunk, which reports
+// the chunk as unreadable; any other SIGBUS goes on to the handler that was there before
+// (Python's faulthandler, or the default action: the process dies as it would have). Our
+// handler is installed only while mapped reads run (install on the first concurrent call,
+// restore on the last), so a handler installed later by others never sits in front of it.
+// initial-exec: the handler reads the guard without __tls_get_addr (which may allocate).
+struct Guard {
+  sigjmp_buf* volatile jump;
+  volatile uintptr_t begin, end;
+};
+__attribute__((tls_model("initial-exec"))) thread_local Guard t_guard{nullptr, 0, 0};
 
-// Arm and disarm the guard: the fences keep the compiler from moving the mapped reads outside.
-void guard(sigjmp_buf* jump) {
-  t_mapping = jump;
+struct sigaction g_previous_sigbus;
+std::mutex g_sigbus_mutex;
+int g_sigbus_users = 0;
+
+// Arm and disarm: the fences keep the compiler from moving the mapped reads outside.
+void guard(sigjmp_buf* jump, const void* begin, size_t size) {
+  t_guard.begin = reinterpret_cast<uintptr_t>(begin);
+  t_guard.end = t_guard.begin + size;
+  t_guard.jump = jump;
   std::atomic_signal_fence(std::memory_order_seq_cst);
 }
 
 void unguard() {
   std::atomic_signal_fence(std::memory_order_seq_cst);
-  t_mapping = nullptr;
+  t_guard.jump = nullptr;
 }
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
-  if (t_mapping != nullptr) siglongjmp(*t_mapping, 1);
-  const struct sigaction& prev = g_previous_sigbus;
+  sigjmp_buf* const jump = t_guard.jump;
+  if (jump != nullptr && info != nullptr && info->si_code > 0) {  // > 0: a fault, not kill()
+    const auto at = reinterpret_cast<uintptr_t>(info->si_addr);
+    if (at >= t_guard.begin && at < t_guard.end) siglongjmp(*jump, 1);
+  }
+  const struct sigaction prev = g_previous_sigbus;
   if (prev.sa_flags & SA_SIGINFO) {
     prev.sa_sigaction(sig, info, context);
-  } else if (prev.sa_handler == SIG_DFL) {
-    signal(sig, SIG_DFL);  // returning re-runs the faulting access: the default action then
-  } else if (prev.sa_handler != SIG_IGN) {
+  } else if (prev.sa_handler == SIG_IGN && (info == nullptr || info->si_code <= 0)) {
+    // a SIGBUS sent by kill() to a process that ignores it: ignored
+  } else if (prev.sa_handler == SIG_DFL || prev.sa_handler == SIG_IGN) {
+    // the default action (the kernel's for a fault even when ignored): delivered on return
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, nullptr);
+    raise(sig);
+  } else {
     prev.sa_handler(sig);
   }
 }
 
-void install_sigbus_handler() {
-  std::call_once(g_sigbus_installed, [] {
-    struct sigaction sa {};
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &g_previous_sigbus);
-  });
-}
+// Our handler in front for the scope's life (see Guard).
+class SigbusScope {
+ public:
+  SigbusScope() {
+    std::lock_guard<std::mutex> lock(g_sigbus_mutex);
+    if (g_sigbus_users++ == 0) {
+      struct sigaction sa {};
+      sa.sa_sigaction = on_sigbus;
+      sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+      sigemptyset(&sa.sa_mask);
+      sigaction(SIGBUS, &sa, &g_previous_sigbus);
+    }
+  }
+  ~SigbusScope() {
+    std::lock_guard<std::mutex> lock(g_sigbus_mutex);
+    if (--g_sigbus_users == 0) {
+      struct sigaction current {};
+      sigaction(SIGBUS, nullptr, &current);
+      if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus)  // not replaced meanwhile
+        sigaction(SIGBUS, &g_previous_sigbus, nullptr);
+    }
+  }
+  SigbusScope(const SigbusScope&) = delete;
+  SigbusScope& operator=(const SigbusScope&) = delete;
+};
 
-// A mapped file is hashed and copied a page at a time, the next page requested first: the
-// hardware prefetchers stop at page boundaries, and page-cache pages are scattered (measured on
-// the 2-core VM: 9.06 against 9.73 ms for 94 MB, medians of 25).
+// A mapped file is read a page at a time, the next page requested first: the hardware
+// prefetchers stop at page boundaries, and page-cache pages are scattered (measured on the
+// 2-core VM: 9.06 against 9.73 ms for 94 MB, medians of 25).
 constexpr size_t kPiece = 4096;
 
 void prefetch(const uint8_t* from, const uint8_t* end) {
@@ -193,9 +236,14 @@ void prefetch(const uint8_t* from, const uint8_t* end) {
   for (const uint8_t* p = from; p < stop; p += 64) __builtin_prefetch(p, 0, 3);
 }
 
-constexpr int kNoMap = -2;      // the file could not be mapped: read it with preadv instead
-constexpr int kShrunk = -3;     // the file shrank while it was read (SIGBUS on the mapping)
+constexpr int kNoMap = -2;   // the file could not be mapped: read it with preadv instead
+constexpr int kFault = -3;   // SIGBUS reading the mapping: cut short meanwhile, or an I/O error
 
+std::atomic<int64_t> g_truncate_after_map{-1};  // tests: cut each file to this size once mapped
+
+// Each piece is copied from the page cache once, into a buffer that stays in L1, and both the
+// hash and the streaming copy into the cache read that buffer: what is checked is what is
+// placed, even if the file changes in place meanwhile.
 int map_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes, int64_t t0,
               int64_t count, uint8_t* ids, uint8_t digest[16]) {
   struct stat st;
@@ -205,35 +253,45 @@ int map_chunk(const Cache& cache, int fd, uint8_t* header, int64_t header_bytes,
   if (static_cast<size_t>(st.st_size) < need) return -1;
   void* const mapped = mmap(nullptr, need, PROT_READ, MAP_PRIVATE, fd, 0);
   if (mapped == MAP_FAILED) return kNoMap;
+  if (const int64_t cut = g_truncate_after_map.load(); cut >= 0) {
+    const std::string path = "/proc/self/fd/" + std::to_string(fd);  // the descriptor may be read-only
+    if (truncate(path.c_str(), cut) != 0) {
+      const int err = errno;
+      munmap(mapped, need);
+      return err;
+    }
+  }
   sigjmp_buf jump;
   if (sigsetjmp(jump, 1) != 0) {  // 1: restore the signal mask (SIGBUS is blocked in the handler)
     unguard();
     store_fence();
     munmap(mapped, need);
-    return kShrunk;
+    return kFault;
   }
-  guard(&jump);
+  guard(&jump, mapped, need);
   Xxh3 hash;
   const uint8_t* src = static_cast<const uint8_t*>(mapped);
   std::memcpy(header, src, header_bytes);
-  hash.update(src, header_bytes);
+  hash.update(header, header_bytes);
   src += header_bytes;
   const uint8_t* const end = static_cast<const uint8_t*>(mapped) + need;
+  alignas(64) uint8_t piece[kPiece];
   for (int s = 0; s < 2; ++s) {
     for (int64_t l = 0; l < cache.layers; ++l) {
       for (int64_t h = 0; h < cache.heads; ++h, src += plane) {
         uint8_t* const dst = cache.plane(s, l, h, t0);
         for (size_t at = 0; at < plane; at += kPiece) {
           const size_t n = std::min(kPiece, plane - at);
-          prefetch(src + at + kPiece, end);
-          hash.update(src + at, n);
-          stream_copy(dst + at, src + at, n);
+          if (static_cast<size_t>(end - src) > at + kPiece) prefetch(src + at + kPiece, end);
+          std::memcpy(piece, src + at, n);
+          hash.update(piece, n);
+          stream_copy(dst + at, piece, n);
         }
       }
     }
   }
   std::memcpy(ids, src, 4 * count);
-  hash.update(src, 4 * count);
+  hash.update(ids, 4 * count);
   unguard();
   store_fence();
   hash.digest(digest);
@@ -329,8 +387,8 @@ int read_file(int fd, uint8_t* dest, int64_t size, const Gpu* gpu, const Payload
 }
 
 // read(c, digest of file c) for every file on torch's threads -> the Python result
-// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early), kShrunk (it
-// shrank while mapped), errno, or kCudaError minus a CUDA driver error]).
+// ([xxh3-128 digest of each file, canonical bytes], [0, -1 (file ended early), kFault (SIGBUS
+// reading the mapping), errno, or kCudaError minus a CUDA driver error]).
 py::tuple read_each(size_t n, const std::function<int(size_t, uint8_t*)>& read) {
   std::vector<uint8_t> digests(16 * n);
   std::vector<int> status(n);
@@ -359,7 +417,8 @@ py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std:
   if (headers.size() != n || header_bytes.size() != n || starts.size() != n || counts.size() != n || ids.size() != n)
     throw std::invalid_argument("read_chunks: one header, start, count and id buffer per file");
   const Cache cache = make_cache(k, v, layers, heads, layer_stride, head_stride, row_bytes);
-  if (map) install_sigbus_handler();
+  std::optional<SigbusScope> sigbus;
+  if (map) sigbus.emplace();
   return read_each(n, [&](size_t c, uint8_t* digest) {
     auto* header = reinterpret_cast<uint8_t*>(headers[c]);
     auto* id_buffer = reinterpret_cast<uint8_t*>(ids[c]);
@@ -371,25 +430,9 @@ py::tuple read_chunks(std::vector<int> fds, std::vector<uintptr_t> headers, std:
   });
 }
 
-// A test of the SIGBUS guard: map size bytes of fd (more than the file holds, to provoke the
-// signal) and read every page under the guard. 0, kShrunk after a SIGBUS, kNoMap, or errno.
-int touch_mapping(int fd, int64_t size) {
-  install_sigbus_handler();
-  void* const mapped = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (mapped == MAP_FAILED) return kNoMap;
-  sigjmp_buf jump;
-  if (sigsetjmp(jump, 1) != 0) {
-    unguard();
-    munmap(mapped, size);
-    return kShrunk;
-  }
-  guard(&jump);
-  volatile uint8_t sink = 0;
-  for (int64_t at = 0; at < size; at += 4096) sink = sink + static_cast<const volatile uint8_t*>(mapped)[at];
-  unguard();
-  munmap(mapped, size);
-  return 0;
-}
+// Tests: every file that map_chunk maps is cut to size bytes right after (size < 0: off), as
+// if another process truncated it mid-read.
+void truncate_after_map_for_tests(int64_t size) { g_truncate_after_map.store(size); }
 
 // Returns read_each's ([digest of each file's first size bytes], [status of each file]).
 py::tuple read_files(std::vector<int> fds, std::vector<uintptr_t> dests, std::vector<int64_t> sizes) {
@@ -456,7 +499,8 @@ void wake() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wake", &wake, "Run every intra-op thread once (chunks.cpp)");
   m.def("read_chunks", &read_chunks, "Read and hash KV chunk files into a CPU cache (chunks.cpp)");
-  m.def("touch_mapping", &touch_mapping, "Read a mapping of fd under the SIGBUS guard (chunks.cpp, for tests)");
+  m.def("truncate_after_map_for_tests", &truncate_after_map_for_tests,
+        "Cut every mapped chunk file to size bytes once mapped, size < 0: off (chunks.cpp, for tests)");
   m.def("read_files", &read_files, "Read and hash whole files into host buffers (chunks.cpp)");
   m.def("read_files_to_gpu", &read_files_to_gpu,
         "read_files, queuing each file's payload for the GPU as it arrives (chunks.cpp)");
