@@ -84,11 +84,12 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
         m = data["model"]
         reads = all("file_read_ms" in r for r in data["rows"])  # files of 2026-11-22 and later
         checked = all("verified_read_ms" in r for r in data["rows"])  # later still
+        whole = all("restore_session_ms" in r for r in data["rows"])  # 2026-11-23 and later
         rows = []
         for r in data["rows"]:
             rows.append([
                 f"{r['tokens']:,}", num(r["save_ms"], 1), num(r["restore_dir_ms"], 2), num(r["restore_mem_ms"], 2),
-                num(r["engine_copy_ms"], 2), f"{r['bytes'] / 1e6:,.1f}", num(r["recompute_ms"], 0),
+                *([num(r["restore_session_ms"], 2)] if whole else []), num(r["engine_copy_ms"], 2), f"{r['bytes'] / 1e6:,.1f}", num(r["recompute_ms"], 0),
                 f"{r['speedup_dir']:,.0f}×", f"{r['speedup_mem']:,.0f}×", num(r["bandwidth_ms"], 2),
                 f"{r['dir_vs_bandwidth']:.2f}", f"{r['mem_vs_bandwidth']:.2f}", f"{r['engine_copy_vs_bandwidth']:.2f}",
                 *([num(r["file_read_ms"], 2), f"{r['dir_vs_file_read']:.2f}"] if reads else []),
@@ -97,7 +98,8 @@ def render_snapshot(results: list[dict[str, Any]]) -> str:
             ])
         out.append(f"**{m['file']}** ({m['dtype']}, {m['kv_bytes_per_token']:,} bytes of KV per token; "
                    f"bandwidth: {data['bandwidth']['what']}):\n")
-        out.append(table(["tokens", "save ms", "restore dir ms", "restore mem ms", "engine copy ms", "MB",
+        out.append(table(["tokens", "save ms", "restore dir ms", "restore mem ms",
+                          *(["restore_session ms"] if whole else []), "engine copy ms", "MB",
                           "recompute ms", "speedup dir", "speedup mem", "bytes÷bw ms", "dir ÷ (bytes÷bw)",
                           "mem ÷ (bytes÷bw)", "copy ÷ (bytes÷bw)",
                           *(["file read ms", "dir ÷ file read"] if reads else []),

@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(rows, [
         ("tokens", "tokens"), ("save_ms", "save ms"), ("restore_dir_ms", "restore dir ms"),
-        ("restore_mem_ms", "restore mem ms"), ("engine_copy_ms", "engine copy ms"), ("bytes", "bytes"),
+        ("restore_mem_ms", "restore mem ms"), ("restore_session_ms", "restore_session ms"),
+        ("engine_copy_ms", "engine copy ms"), ("bytes", "bytes"),
         ("recompute_ms", "recompute ms"), ("speedup_dir", "speedup dir"), ("speedup_mem", "speedup mem"),
         ("bandwidth_ms", "bytes÷bw ms"), ("dir_vs_bandwidth", "dir÷(bytes÷bw)"),
         ("mem_vs_bandwidth", "mem÷(bytes÷bw)"), ("engine_copy_vs_bandwidth", "copy÷(bytes÷bw)"),
@@ -203,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
                                           "native reader (preadv) on torch's threads into host buffers, "
                                           "nothing placed",
                          "mem": "MemoryStore: objects in host memory" + (" (pinned)" if cuda else "")
-                         + ", checked once when loaded"},
+                         + ", checked once when loaded",
+                         "session": "restore_session from the directory store: the manifest read and checked, "
+                                    "a new session created (its KV cache allocated and zeroed), the restore"},
         "rows": rows,
         "incremental": incremental,
         "targets": {"speedup_at_max_context": target, "restore_vs_bandwidth": TARGETS["restore_vs_bandwidth"]},
@@ -221,7 +224,7 @@ def measure(model: Any, all_ids: list[int], n: int, capacity: int, new_tokens: i
             root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """One context length: (row, incremental-save row)."""
     from driftwood.bench.report import progress
-    from driftwood.snapshot.session import load_session, save_session
+    from driftwood.snapshot.session import load_session, restore_session, save_session
     from driftwood.snapshot.store import DirectoryStore, MemoryStore
 
     device = str(model.device)
@@ -266,6 +269,14 @@ def measure(model: Any, all_ids: list[int], n: int, capacity: int, new_tokens: i
         target.close()
         return seconds, exact
 
+    def restore_whole() -> float:
+        """What `driftwood resume` and restore_session pay for the session: the manifest read
+        and checked, a new session created (its KV cache allocated and zeroed), the restore."""
+        got = []
+        seconds = _timed(lambda: got.append(restore_session(store, "s", model)), device)
+        got[0].session.close()
+        return seconds
+
     # the engine's own copy of the same keys and values from host memory into a fresh cache
     # (Session.load_kv_state): what any restore into this cache layout has to do at least
     state = {k: v.to("cpu").pin_memory() if cuda else v.to("cpu") for k, v in live.kv_state().items()}
@@ -286,7 +297,7 @@ def measure(model: Any, all_ids: list[int], n: int, capacity: int, new_tokens: i
         m_, e2 = restore(memory)
         read_s = file_read_seconds(chunk_files, torch.get_num_threads())
         checked_s = verified_read_seconds(chunk_files)
-        samples.append((d, m_, engine_copy(), bw_s, read_s, e1 and e2, checked_s))
+        samples.append((d, m_, engine_copy(), bw_s, read_s, e1 and e2, checked_s, restore_whole()))
     dir_s, mem_s, copy_s, bw_s, read_s = (statistics.median(x[i] for x in samples) for i in range(5))
     checked = None if samples[0][6] is None else statistics.median(x[6] for x in samples)
     headline = mem_s if cuda else dir_s
@@ -296,6 +307,7 @@ def measure(model: Any, all_ids: list[int], n: int, capacity: int, new_tokens: i
         "restore_ms": headline * 1e3,
         "restore_dir_ms": dir_s * 1e3,
         "restore_mem_ms": mem_s * 1e3,
+        "restore_session_ms": statistics.median(x[7] for x in samples) * 1e3,
         "engine_copy_ms": copy_s * 1e3,
         "bytes": stored,
         "kv_bytes": kv_bytes,
