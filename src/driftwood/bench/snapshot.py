@@ -5,8 +5,9 @@ fresh directory store), to restore it into an empty session, and to recompute it
 own prefill; the bytes stored; and restore time against ``bytes ÷ bandwidth`` measured in the
 same run. Then the cost of saving again after 24 more tokens (incremental: only new chunks).
 
-- CPU: restore maps the directory store's files (in the page cache), hashing each plane with
-  xxh3 and copying it into the cache with streaming stores; bandwidth is a large torch copy.
+- CPU: restore maps the directory store's files (in the page cache), each page copied once
+  into a buffer in L1, hashed with xxh3 there and streamed into the cache; bandwidth is a large
+  torch copy.
   Reading the same files whole, unchecked (the page cache's own speed), and read and hashed
   into host buffers, are reported beside it.
 - CUDA: restore is from host memory (a pinned :class:`MemoryStore`, checked once when loaded)
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         "restore_from": {"headline": "host memory (pinned MemoryStore)" if cuda else "directory store",
                          "dir": "directory store: files in the page cache, " + (
                              "preadv into pinned staging" if cuda else
-                             "mapped, each plane hashed and copied with streaming stores") + ", every chunk's xxh3 checked",
+                             "mapped, each page hashed in L1 and copied with streaming stores") + ", every chunk's xxh3 checked",
                          "file_read": "the same chunk files read whole with one preadv each on torch's thread "
                                       "count of Python threads, nothing checked or placed (the page cache's speed)",
                          "verified_read": "the same chunk files read whole and each hashed with xxh3-128 by the "

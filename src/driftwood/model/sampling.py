@@ -129,9 +129,9 @@ def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
     exactly 0 (the filters after it and softmax do not change under a shift; the others may go
     to -inf, where their probability is 0 anyway). +inf logits (a guest may write any float
     into logits it owns) take all the mass, shared equally: softmax's limit."""
-    if bool(torch.isposinf(x).any()):
-        return torch.zeros_like(x).masked_fill(~torch.isposinf(x), float("-inf"))
-    top = x.max()
+    top = x.max()  # NaN is gone: sample() made it -inf
+    if bool(torch.isposinf(top)):
+        return torch.zeros_like(x).masked_fill(x != top, float("-inf"))
     if not bool(torch.isfinite(top)):
         raise ValueError("every logit is -inf or NaN: nothing to sample")
     y = x / temperature

@@ -345,9 +345,10 @@ def check_object(obj: Obj, parts: Sequence[Any], signed: bool) -> None:
         raise SnapshotError(f"{obj.key}: checksum mismatch: the object is corrupted or was altered")
 
 
-def _check_size(obj: Obj, r: Reader) -> None:
+def _check_size(obj: Obj, r: Reader, where: str | None = None) -> None:
     if r.size != obj.size:
-        raise SnapshotError(f"{obj.key}: {r.size} bytes, the manifest says {obj.size} (truncated?)")
+        raise SnapshotError(f"{where or obj.key}: {r.size} bytes, the manifest says {obj.size} "
+                            "(truncated or replaced)")
 
 
 def read_object(store: Store, obj: Obj, signed: bool) -> bytes:
@@ -387,9 +388,10 @@ class _ChunkLoader:
 
     On the CPU with the cache's own dtype (``direct``): straight into the cache, and the
     session adopts the bytes in place. With the native reader (:mod:`driftwood.snapshot.native`)
-    every chunk in one call on torch's threads: a directory store's files mapped, each plane
-    hashed from the page cache and copied into the cache with streaming stores (preadv where a
-    file cannot be mapped), a memory store's payloads copied the same way. Without
+    every chunk in one call on torch's threads: a directory store's files mapped, each page
+    copied once from the page cache into a buffer in L1, hashed there and streamed into the
+    cache (preadv where a file cannot be mapped), a memory store's payloads copied with
+    streaming stores. Without
     it, here, a chunk at a time: preadv into the planes, hashing each group of planes while it
     is in cache, or one copy per side. (Python threads do not help: python-xxhash holds the
     GIL.) Signed restores take this path too (sha256 beside xxh3).
@@ -440,7 +442,7 @@ class _ChunkLoader:
         with contextlib.ExitStack() as stack:
             readers = [stack.enter_context(self.store.reader(c.obj.key)) for c in chunks]
             for chunk, r in zip(chunks, readers, strict=True):
-                self._check_size(chunk, r)
+                _check_size(chunk.obj, r, self._where(chunk))
             views = [] if self.verify else [r.view() for r in readers]
             in_memory = not self.verify and all(v is not None for v in views)
             built = native.module() is not None
@@ -559,11 +561,6 @@ class _ChunkLoader:
     def _where(chunk: Chunk) -> str:
         return f"chunk at token {chunk.start} ({chunk.obj.key})"
 
-    def _check_size(self, chunk: Chunk, r: Reader) -> None:
-        if r.size != chunk.obj.size:
-            raise SnapshotError(f"{self._where(chunk)}: {r.size} bytes, the manifest says {chunk.obj.size} "
-                                "(truncated or replaced)")
-
     @staticmethod
     def _check_read(where: str, error: int) -> None:
         if error <= native.CUDA_ERROR:
@@ -604,7 +601,7 @@ class _ChunkLoader:
         payload = chunk.count * kv.token_bytes
         where = self._where(chunk)
         with self.store.reader(chunk.obj.key) as r:
-            self._check_size(chunk, r)
+            _check_size(chunk.obj, r, self._where(chunk))
             head = r.read(0, len(header))
             self._check_header(where, head, header)
             digest = Digester(sha256=self.signed) if self.verify else None
