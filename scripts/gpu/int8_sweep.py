@@ -46,12 +46,24 @@ if os.environ.get("SHAPES"):
     SHAPES = {s: SHAPES[s] for s in os.environ["SHAPES"].split(",")}
 
 
+# ("mma", warps a block, 8-row tiles a warp, PDL, 16-row tiles of x a block): driftwood.model.cuda.mma (4 weight
+# tiles a warp spill at 64 rows)
+MMA = [("mma", wn, nt, pdl, ms) for wn, nt in ((2, 1), (4, 1), (4, 2), (8, 2)) for pdl in (True, False)
+       for ms in (1, 2, 4)]
+if os.environ.get("MMA_ROWS_A_BLOCK"):  # e.g. 1,4
+    MMA = [c for c in MMA if str(c[4]) in os.environ["MMA_ROWS_A_BLOCK"].split(",")]
+
+
 def candidates(fmt: int, m: int, n: int, k: int) -> list[tuple]:
-    """The configuration decode picks now, dequantize + cuBLAS, then the int8 ones."""
+    """The configuration decode picks now, dequantize + cuBLAS, then the int8 ones (MMA=1: the
+    configuration before the mma kernels, dequantize + cuBLAS and the mma configurations)."""
     now = K.pick_config(fmt, m, n, k)
     base = [now] + ([("mm", 0)] if now != ("mm", 0) else [])
     if m == 1:
         return base + DP4A
+    if os.environ.get("MMA") == "1":
+        before = K.pick_config(fmt, m, n, k, mma=False)
+        return list(dict.fromkeys([now, before, ("mm", 0), *MMA]))
     return base + I8.get(m, [])
 
 
@@ -136,13 +148,13 @@ def totals(rows: list[dict]) -> list[dict]:
 
 def main() -> int:
     t0 = time.time()
-    env = {k: os.environ[k] for k in ("ROWS", "FORMATS", "SHAPES", "I8_SPLITS") if os.environ.get(k)}
+    env = {k: os.environ[k] for k in ("ROWS", "FORMATS", "SHAPES", "I8_SPLITS", "MMA") if os.environ.get(k)}
     result = {"environment": {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                               "command": " ".join([*(f"{k}={v}" for k, v in env.items()), "python scripts/gpu/int8_sweep.py",
                                                    *sys.argv[1:]])},
               "errors": [], "sweep": []}
-    for fmt in FORMATS:
+    for fmt in FORMATS if os.environ.get("MMA") != "1" else []:  # tests/model/test_mma.py checks those
         result["errors"] += errors(fmt)
     for fmt in FORMATS:
         result["sweep"] += sweep(fmt)

@@ -199,7 +199,15 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-22, twelfth pass: BF16's one-row products through a CUDA C++ kernel (NVRTC), "
+    "graphs": ({}, {}, "2026-11-23, thirteenth pass: Q4_0 and Q8_0 products of 5-64 rows through int8 mma.sync "
+               "kernels in CUDA C++ (driftwood.model.cuda.mma: x quantized per group into the A fragments' order by "
+               "its own kernel with RMSNorm or SiLU-up inside, the weights' B fragments taken from one word a lane, "
+               "x's fragments of 8 groups staged in shared memory for every warp of a block) in place of the Triton "
+               "int8 dots and dequantize + cuBLAS (graphs-before-mma), first with one configuration a shape (the "
+               "head 8 warps x 2 tiles, gate_up 4 x 2, the others 2 x 1): batch 64 Q4_0 ~1.2 ms a step (~53k tok/s, "
+               "~30x batch 1), Q8_0 ~1.3 ms (~49k); batch 32 Q4_0 ~34k tok/s; batch 8 ~10k; batch 1 unchanged; and "
+               "the token embeddings gathered and dequantized in one CUDA kernel instead of torch's 3 (BF16) to 11 "
+               "(Q4_0) (graphs-torch-embed): batch 1 Q4_0 ~-15 us a token, Q8_0 ~-8, BF16 ~-4. Twelfth pass: BF16's one-row products through a CUDA C++ kernel (NVRTC), "
                "launched with PDL, per-shape configurations from scripts/gpu/cuda_gemv_sweep.py: on the machine "
                "that measured the Triton step at 1.24 and this kernel with PDL and one configuration at 1.14 "
                "ms/token, ~1.115 (down's configuration -1.5 us a layer); the quantized files unchanged. Measured: "
@@ -244,6 +252,10 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
+    "graphs-before-mma": ({}, {"mma": False}, "thirteenth pass: 5-64-row quantized products as before the mma "
+                          "kernels (Triton int8 dots, dequantize + cuBLAS), for comparison with graphs in the same run"),
+    "graphs-torch-embed": ({}, {"cuda_embed": False}, "thirteenth pass: the token embeddings through torch's "
+                           "gather and dequantizing ops (the twelfth pass's step), for comparison with graphs"),
     "graphs-triton-gemv": ({}, {"cuda_gemv": False}, "twelfth pass: BF16's one-row products through the Triton "
                            "kernel (the eleventh pass's step), for comparison with graphs in the same run"),
     "graphs-cuda-gemv-no-pdl": ({}, {"cuda_pdl": False}, "twelfth pass: the CUDA C++ one-row kernel launched "
@@ -375,9 +387,10 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
         row["decode_ms_per_token_unsynced"] = round(statistics.median(streamed), 4)
         row["prefill_ms"] = {str(m): round(statistics.median(v), 2) for m, v in prefill.items()}
         s.close()
-        if name == "graphs" or (name == "torch-eager" and args.decode_tokens):
+        every_batch = name in ("graphs", "graphs-before-mma")
+        if every_batch or (name == "torch-eager" and args.decode_tokens):
             tps: dict[str, float] = {}
-            for B in batches if name == "graphs" else batches[:2]:
+            for B in batches if every_batch else batches[:2]:
                 batch = model.new_batch(B, capacity=PROMPT_TOKENS + 8 + n + 8)
                 for b in range(B):  # different lengths: 24 to 31 prompt tokens
                     batch.prefill(b, ids[b % 8 : b % 8 + PROMPT_TOKENS + b % 8])

@@ -46,6 +46,10 @@ def bucket(n: int) -> int:
 class TorchOps:
     """The step's operations in plain torch: (M, ·) rows, any device."""
 
+    def embed(self, embedding: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``tokens`` (B,) of the token embeddings, (B, dim) in the compute dtype."""
+        return embedding(tokens)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
@@ -109,11 +113,17 @@ class TritonOps(TorchOps):
     ``pdl_attention``: attention's two kernels launched with it too, so that the o product's
     weights are requested while attention ends (Q4_0 0.665 -> 0.639 ms/token; ``pdl``: every
     Triton kernel, which measured slower for Q8_0).
+    ``mma``: Q4_0/Q8_0 products of 5-64 rows through the int8 ``mma.sync`` kernels of
+    :mod:`driftwood.model.cuda.mma` (False: the Triton and cuBLAS choices before them,
+    :data:`~driftwood.model.cuda.kernels.CONFIGS_BEFORE_MMA`). ``cuda_embed``: the token
+    embeddings gathered and dequantized in one CUDA kernel (:func:`~driftwood.model.cuda.nvrtc.embed`;
+    torch's gather and dequantizing ops take 3 kernels for BF16 and 11 for Q4_0).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
                  pdl: bool = False, fuse_combine: bool = False, cuda_gemv: bool = True,
-                 cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True) -> None:
+                 cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True, mma: bool = True,
+                 cuda_embed: bool = True) -> None:
         from driftwood.model.cuda import kernels, nvrtc
 
         self.k, self.nvrtc = kernels, nvrtc
@@ -124,14 +134,18 @@ class TritonOps(TorchOps):
         self.fuse_rope = fuse_rope
         self.pdl = pdl
         self.fuse_combine = fuse_combine
+        self.mma = mma
+        self.cuda_embed = cuda_embed
 
     def _gemv_args(self, x, layer):
-        """(fmt, codes, scales) when the gemv kernel runs this product, else None."""
+        """(fmt, codes, scales, configuration) when the gemv kernel runs this product, else None."""
         k, m = self.k, x.shape[0]
         if isinstance(layer, BlockLinear) and m <= k.MAX_ROWS:
-            return (k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0), layer.codes, layer.scales
+            fmt = k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0
+            cfg = k.pick_config(fmt, m, layer.out_features, layer.in_features, mma=self.mma)
+            return fmt, layer.codes, layer.scales, cfg
         if isinstance(layer, DenseLinear) and (self.dense == "triton" or m == 1) and m <= k.MAX_ROWS:
-            return k.DENSE, layer.weight, None
+            return k.DENSE, layer.weight, None, None
         return None
 
     def _row_kernel(self, x, layer, glu=False, rope=False) -> dict | None:
@@ -146,6 +160,12 @@ class TritonOps(TorchOps):
             return None
         return kw if nv.supports(x, kw["weight"], glu, kw["fmt"], rope) else None
 
+    def embed(self, embedding, tokens):
+        nv, name = self.nvrtc, embedding.qtype.name
+        if self.cuda_embed and nv.embed_supports(name, embedding.dim, tokens, embedding.dtype):
+            return nv.embed(embedding.raw, name, embedding.dim, tokens, embedding.dtype)
+        return super().embed(embedding, tokens)
+
     def rms_norm(self, x, weight, eps):
         return self.k.rms_norm(x, weight, eps, pdl=self.pdl)
 
@@ -155,8 +175,8 @@ class TritonOps(TorchOps):
                                        pdl=self.cuda_pdl)
         args = self._gemv_args(x, layer)
         if args is not None:
-            return self.k.gemv(x, *args, residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
-                               pdl=self.pdl)
+            return self.k.gemv(x, *args[:3], residual=residual, glu=glu, out=residual, out_dtype=out_dtype,
+                               pdl=self.pdl, config=args[3])
         if glu:  # SiLU · up in one kernel rounding once (torch takes two)
             x, glu = self.k.silu_mul(x), False
         if isinstance(layer, DenseLinear) and residual is not None and out_dtype is None:
@@ -167,8 +187,9 @@ class TritonOps(TorchOps):
         if self.fuse_norm and (w := self._row_kernel(x, layer)) is not None:
             return self.nvrtc.gemv_row(x, **w, norm=(weight, eps), out_dtype=out_dtype, pdl=self.cuda_pdl)
         args = self._gemv_args(x, layer)
-        if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1]):
-            return self.k.gemv(x, *args, out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl)
+        if self.fuse_norm and args is not None and self.k.fuses_norm(args[0], x.shape[0], args[1].shape[0], x.shape[1],
+                                                                     config=args[3]):
+            return self.k.gemv(x, *args[:3], out_dtype=out_dtype, norm=(weight, eps), pdl=self.pdl, config=args[3])
         return super().norm_linear(x, weight, eps, layer, out_dtype=out_dtype)
 
     def qkv_rope(self, x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
@@ -179,9 +200,10 @@ class TritonOps(TorchOps):
         args = self._gemv_args(x, layer)
         m, n, kd = x.shape[0], (n_heads + 2 * n_kv_heads) * head_dim, x.shape[1]
         if (self.fuse_rope and self.fuse_norm and args is not None and k_cache.dtype == x.dtype
-                and self.k.fuses_norm(args[0], m, n, kd) and self.k.fuses_rope(args[0], m, n, kd, head_dim=head_dim)):
+                and self.k.fuses_norm(args[0], m, n, kd, config=args[3])
+                and self.k.fuses_rope(args[0], m, n, kd, config=args[3], head_dim=head_dim)):
             rope = (pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim)
-            return self.k.gemv(x, *args, norm=(weight, eps), rope=rope, pdl=self.pdl)
+            return self.k.gemv(x, *args[:3], norm=(weight, eps), rope=rope, pdl=self.pdl, config=args[3])
         return super().qkv_rope(x, weight, eps, layer, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads,
                                 head_dim)
 
@@ -206,7 +228,7 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, ops = self.t, self.ops
         B = tokens.shape[0]
-        x = t.embed(tokens)  # (B, dim)
+        x = ops.embed(t.embed, tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
             q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
                              *self.dims)  # (B, H, D); k, v written at pos

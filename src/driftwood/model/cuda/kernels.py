@@ -580,6 +580,8 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
 # N >= 8192, "deep": K >= 4096, "narrow": N <= 2048, "mid": the rest} (the 1B shapes: the head vocab, gate_up
 # wide, down deep, o narrow, qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
 _Q8_16 = ("i8", 16, 64, 4, 4, 4)
+_MMA = {"vocab": ("mma", 8, 2, True), "wide": ("mma", 4, 2, True), "deep": ("mma", 2, 1, True),
+        "narrow": ("mma", 2, 1, True), "mid": ("mma", 2, 1, True)}
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # batch 1: the sweeps of 2026-11-22 timed in CUDA graphs, RMSNorm inside for qkv, gate_up and the head as
     # decode runs them (scripts/gpu/dense_sweep.py; scripts/gpu_engine_check.py --sweep with SWEEP_ROWS=1):
@@ -604,15 +606,20 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
                 "narrow": ("dp4a", 16, 4), "mid": ("dp4a", 16, 4)},
     (Q8_0, 4): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": ("i8", 16, 64, 4, 4, 1), "deep": ("gemvT", 8, 4),
                 "narrow": ("gemvT", 16, 4), "mid": ("gemvT", 8, 4)},
-    # 5-64 rows, scripts/gpu/int8_sweep.py (2026-11-22, timed in CUDA graphs, the int8 kernels' quantizing
-    # kernel included): int8 tensor-core dots for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against
-    # 55 for dequantize + cuBLAS, the head ~270 against 443; Q8_0 ~39 against 60, ~200 against 486), for
-    # Q8_0's down (25 against 30) and for all of Q8_0's at 5-16 rows; dequantize + cuBLAS for the other small
-    # ones (qkv 12, o 10 us), the whole-row kernel for Q4_0's qkv at 5-8 rows (it applies RMSNorm and RoPE
-    # itself). Measured and dropped (docs/gpu.md): Q4_0's nibbles read twice instead of joined, the offset
-    # term in the epilogue instead of signed codes, sub-blocks of 16 rows sharing a tile, two groups an
-    # iteration, the next group loaded ahead into registers. gate_up at 64 rows in two splits (I8_SPLITS=1,2,3,4:
-    # Q4_0 43.0 us against 45.6 with four, Q8_0 35.6 against 36.6 with one)
+    # 5-64 rows (2026-11-23): Q4_0 and Q8_0 through the int8 mma.sync kernels of driftwood.model.cuda.mma
+    # (configuration ("mma", warps a block, 8-row tiles a warp, PDL)); before them, see CONFIGS_BEFORE_MMA
+    **{(f, m): _MMA for f in (Q4_0, Q8_0) for m in (8, 16, 32, 64)},
+}
+# The 5-64-row entries before the mma kernels (the eighth pass's, scripts/gpu/int8_sweep.py 2026-11-22):
+# int8 tensor-core dots in Triton for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against 55 for
+# dequantize + cuBLAS, the head ~270 against 443; Q8_0 ~39 against 60, ~200 against 486), for Q8_0's down
+# (25 against 30) and for all of Q8_0's at 5-16 rows; dequantize + cuBLAS for the other small ones (qkv 12,
+# o 10 us), the whole-row kernel for Q4_0's qkv at 5-8 rows (it applies RMSNorm and RoPE itself). Measured
+# and dropped (docs/gpu.md): Q4_0's nibbles read twice instead of joined, the offset term in the epilogue
+# instead of signed codes, sub-blocks of 16 rows sharing a tile, two groups an iteration, the next group
+# loaded ahead into registers. gate_up at 64 rows in two splits (I8_SPLITS=1,2,3,4: Q4_0 43.0 us against
+# 45.6 with four, Q8_0 35.6 against 36.6 with one). TritonOps(mma=False) decodes with these.
+CONFIGS_BEFORE_MMA: dict[tuple[int, int], dict[str, tuple]] = {
     (Q4_0, 8): {"vocab": ("i8", 16, 128, 4, 4, 4), "wide": ("i8", 16, 64, 4, 4, 1), "deep": ("mm", 0),
                 "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},
     (Q8_0, 8): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": _Q8_16, "deep": _Q8_16, "narrow": _Q8_16, "mid": _Q8_16},
@@ -638,10 +645,12 @@ def shape_class(n: int, k: int) -> str:
             else "mid")
 
 
-def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
-    """The configuration for m rows of x against an (n, k) matrix."""
-    keys = sorted(r for f, r in CONFIGS if f == fmt)
-    cfg = CONFIGS[(fmt, next((r for r in keys if m <= r), keys[-1]))]
+def pick_config(fmt: int, m: int, n: int = 0, k: int = 0, mma: bool = True) -> tuple:
+    """The configuration for m rows of x against an (n, k) matrix (``mma=False``: as before the
+    mma kernels, :data:`CONFIGS_BEFORE_MMA`)."""
+    table = CONFIGS if mma else {**CONFIGS, **CONFIGS_BEFORE_MMA}
+    keys = sorted(r for f, r in table if f == fmt)
+    cfg = table[(fmt, next((r for r in keys if m <= r), keys[-1]))]
     if not isinstance(cfg, dict):
         return cfg
     cls = shape_class(n, k)
@@ -651,7 +660,7 @@ def pick_config(fmt: int, m: int, n: int = 0, k: int = 0) -> tuple:
 def fuses_norm(fmt: int, m: int, n: int = 0, k: int = 0, config: tuple | None = None) -> bool:
     """Whether :func:`gemv` can apply RMSNorm to x itself: one row of x per program."""
     cfg = config or pick_config(fmt, m, n, k)
-    return cfg[0] in ("gemvT", "dp4a", "i8") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
+    return cfg[0] in ("gemvT", "dp4a", "i8", "mma") if fmt != DENSE else (cfg[0] == 1 and not cfg[4])
 
 
 def fuses_rope(fmt: int, m: int, n: int, k: int, config: tuple | None = None, head_dim: int = 64) -> bool:
@@ -714,6 +723,15 @@ def gemv(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor | 
         return out
     assert codes.dtype == torch.int32 and codes.shape[1] * (8 if fmt == Q4_0 else 4) == K, (codes.shape, K)
     kind = cfg[0]
+    if kind == "mma":
+        from driftwood.model.cuda import mma
+
+        if mma.supports(x, fmt, codes, glu):
+            return mma.gemm(x, fmt, codes, scales, config=(cfg[1], cfg[2], *cfg[4:]), residual=residual, glu=glu,
+                            norm=norm, out=out, pdl=cfg[3] if len(cfg) > 3 else True)
+        if norm is not None:  # no NVRTC here, or a shape it does not take: dequantize + cuBLAS
+            x = rms_norm(x, *norm)
+        return _dequant_mm(x, fmt, codes, scales, residual, glu, out, out_dtype, 0)
     if kind == "i8":
         _gemm_i8(x, fmt, codes, scales, residual, glu, norm, out, cfg)
     elif kind == "dp4a":

@@ -329,6 +329,33 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
   }
   finish_rows<DT, RPW, KSPLIT, MODE>(y, row0, N, red, FINISH_ARGS);
 }
+
+// Rows tokens[b] of a GGUF token-embedding table (raw bytes, row_bytes a row) in the compute dtype DT, one
+// block a row: FMT 2 Q4_0 (18-byte blocks: fp16 d, then 16 bytes holding column j in the low nibble of
+// byte j and j + 16 in the high one; d * (q - 8)), 1 Q8_0 (34-byte blocks: fp16 d, 32 int8; d * q), 3 F32,
+// 4 F16, 5 BF16; the value computed in float32 as gguf.dequantize_bytes does, then rounded once. The next
+// kernel may launch at once (it waits for this one with griddepcontrol.wait).
+template <int FMT, int DT>
+__global__ void embed_rows(const unsigned char* __restrict__ table, i64 row_bytes, const i64* __restrict__ tokens,
+                           u16* __restrict__ out, int dim) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const unsigned char* row = table + tokens[blockIdx.x] * row_bytes;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    float v;
+    if (FMT == 2 || FMT == 1) {
+      const unsigned char* p = row + (c >> 5) * (FMT == 2 ? 18 : 34);
+      const float d = h2f((u16)(p[0] | (p[1] << 8)));
+      const int j = c & 31;
+      const int q = FMT == 2 ? ((j < 16 ? p[2 + j] & 15 : p[2 + j - 16] >> 4) - 8) : (int)(signed char)p[2 + j];
+      v = (float)q * d;
+    } else if (FMT == 3) {
+      v = reinterpret_cast<const float*>(row)[c];
+    } else {
+      v = to_f<FMT == 4 ? 1 : 0>(reinterpret_cast<const u16*>(row)[c]);
+    }
+    out[(i64)blockIdx.x * dim + c] = from_f<DT>(v);
+  }
+}
 """
 
 NORM, GLU, RES, ROPE, OUT_F32 = 1, 2, 4, 8, 16
@@ -455,15 +482,19 @@ def kernel_name(fmt: int, dt: int, k: int, warps: int, rpw: int, ksplit: int, mo
     return f"{head}{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}>"
 
 
+def kernel(device_index: int, name: str, shared: int = 0, source: str | None = None) -> Any:
+    """The compiled kernel ``name`` of ``source`` (default :data:`SOURCE`) on that device, allowed
+    ``shared`` bytes of dynamic shared memory (each instantiation compiled once)."""
+    return _kernel(device_index, name, shared, source or SOURCE)
+
+
 @functools.cache
-def _kernel(device_index: int, name: str, shared: int = 0) -> Any:
-    """The compiled kernel ``name`` on that device, allowed ``shared`` bytes of dynamic shared
-    memory (each instantiation compiled once)."""
+def _kernel(device_index: int, name: str, shared: int, source: str) -> Any:
     from torch.cuda._utils import _cuda_load_module
 
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
-        cubin, lowered, _ = compile_cubin(SOURCE, [name], f"{major}{minor}")
+        cubin, lowered, _ = compile_cubin(source, [name], f"{major}{minor}")
         fn = _cuda_load_module(cubin, [lowered[name]])[lowered[name]]
         fn.set_shared_memory_config(shared)
         return fn
@@ -480,7 +511,7 @@ def available(device_index: int = 0) -> bool:
 
         if not hasattr(_get_gpu_runtime_library(), "cuLaunchKernelEx"):
             raise RuntimeError("the CUDA driver has no cuLaunchKernelEx")
-        _kernel(device_index, kernel_name(DENSE, 0, 256, 1, 1, 1, 0, False))
+        kernel(device_index, kernel_name(DENSE, 0, 256, 1, 1, 1, 0, False))
         return True
     except Exception as exc:  # no NVRTC, an old driver, another torch: the Triton kernels serve
         log.warning("CUDA C++ kernels unavailable (%s); the Triton kernels run instead", exc)
@@ -527,8 +558,11 @@ def launch(fn: Any, grid: int, block: int, shared: int, args: list[ctypes._Simpl
     _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), fn.func, params, None))
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+def pointer(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
+
+
+_ptr = pointer
 
 
 def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales: torch.Tensor | None = None,
@@ -567,7 +601,7 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
     nw, eps = norm if norm is not None else (x, 0.0)
     assert fmt == DENSE or (scales is not None and scales.dtype == torch.float16 and scales.is_contiguous())
     shared = k * 4 + (0 if fmt == DENSE else k // 32 * 4)  # x as float32 (+ a float a group)
-    fn = _kernel(x.device.index or 0, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), shared)
+    fn = kernel(x.device.index or 0, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), shared)
     rows = warps // ksplit * rpw
     args = [_ptr(x), _ptr(weight), _ptr(scales if scales is not None else x), _ptr(nw),
             _ptr(residual if residual is not None else x), _ptr(out), i32(n), ctypes.c_double(eps), *tail]
@@ -579,3 +613,25 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
 def pdl_supported(device_index: int = 0) -> bool:
     """Programmatic dependent launch: compute capability 9.0 and later."""
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+EMBED_FORMATS = {"Q4_0": 2, "Q8_0": 1, "F32": 3, "F16": 4, "BF16": 5}  # GGML type name -> embed_rows' FMT
+
+
+def embed_supports(qtype_name: str, dim: int, tokens: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`embed` gathers rows of this table: Q4_0, Q8_0 or float rows, a CUDA device
+    where the kernels compile, the compute dtype bfloat16 or float16."""
+    return (qtype_name in EMBED_FORMATS and tokens.is_cuda and dtype in DTYPES and dim % 32 == 0
+            and tokens.dtype == torch.int64 and available(tokens.device.index or 0))
+
+
+def embed(table: torch.Tensor, qtype_name: str, dim: int, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``tokens`` (B,) of the raw GGUF table (vocab, bytes a row) uint8 -> (B, dim) ``dtype``,
+    one kernel (where :func:`embed_supports`): the values ``dequantize_bytes`` gives."""
+    assert table.dtype == torch.uint8 and table.is_contiguous() and tokens.is_contiguous()
+    out = torch.empty(tokens.shape[0], dim, dtype=dtype, device=tokens.device)
+    name = f"embed_rows<{EMBED_FORMATS[qtype_name]}, {DTYPES[dtype]}>"
+    fn = kernel(tokens.device.index or 0, name)
+    launch(fn, tokens.shape[0], 256, 0, [pointer(table), ctypes.c_longlong(table.shape[1]), pointer(tokens),
+                                         pointer(out), ctypes.c_int(dim)], False)
+    return out
