@@ -580,8 +580,6 @@ def _gemv_kernel(x_ptr, w_ptr, res_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_xm
 # N >= 8192, "deep": K >= 4096, "narrow": N <= 2048, "mid": the rest} (the 1B shapes: the head vocab, gate_up
 # wide, down deep, o narrow, qkv mid), from the sweeps of 2026-11-22 (docs/gpu.md).
 _Q8_16 = ("i8", 16, 64, 4, 4, 4)
-_MMA = {"vocab": ("mma", 8, 2, True), "wide": ("mma", 4, 2, True), "deep": ("mma", 2, 1, True),
-        "narrow": ("mma", 2, 1, True), "mid": ("mma", 2, 1, True)}
 CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # batch 1: the sweeps of 2026-11-22 timed in CUDA graphs, RMSNorm inside for qkv, gate_up and the head as
     # decode runs them (scripts/gpu/dense_sweep.py; scripts/gpu_engine_check.py --sweep with SWEEP_ROWS=1):
@@ -606,9 +604,29 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
                 "narrow": ("dp4a", 16, 4), "mid": ("dp4a", 16, 4)},
     (Q8_0, 4): {"vocab": ("i8", 16, 64, 4, 4, 1), "wide": ("i8", 16, 64, 4, 4, 1), "deep": ("gemvT", 8, 4),
                 "narrow": ("gemvT", 16, 4), "mid": ("gemvT", 8, 4)},
-    # 5-64 rows (2026-11-23): Q4_0 and Q8_0 through the int8 mma.sync kernels of driftwood.model.cuda.mma
-    # (configuration ("mma", warps a block, 8-row tiles a warp, PDL)); before them, see CONFIGS_BEFORE_MMA
-    **{(f, m): _MMA for f in (Q4_0, Q8_0) for m in (8, 16, 32, 64)},
+    # 5-64 rows (2026-11-23, MMA=1 scripts/gpu/int8_sweep.py, experiment-mma-sweep-cuda-2026-11-23-*.json): the
+    # int8 mma.sync kernels of driftwood.model.cuda.mma (("mma", warps a block, 8-row tiles a warp, PDL, 16-row
+    # tiles of x a block)) where they measured faster than CONFIGS_BEFORE_MMA's choice by more than 3% (us in a
+    # CUDA graph, the quantizing kernel included: before -> now); the small matrices stay on dequantize + cuBLAS
+    # (the mma kernel streams a narrow matrix's few weight rows per block too slowly: qkv 18-29 us at 64 rows)
+    (Q4_0, 8): {"vocab": ("mma", 4, 2, True, 1), "wide": ("mma", 4, 1, False, 4), "deep": ("mm", 0),
+                "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},  # head 163 -> 84, gate_up 27.7 -> 18.7
+    (Q4_0, 16): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 1, False, 4), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 178 -> 86, gate_up 27.1 -> 18.7
+    (Q4_0, 32): {"vocab": ("mma", 4, 2, False, 2), "wide": ("mma", 4, 2, False, 4), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 184 -> 122, gate_up 34.2 -> 22.2
+    (Q4_0, 64): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, False, 4), "deep": ("mm", 0),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 253 -> 181, gate_up 43.4 -> 31.8
+    # Q8_0 8-16 rows: qkv 12.8 -> 11.4, o 10.7 -> 9.8, gate_up 27.1 -> 19.7, head 158 -> 109 (16: 13.0 -> 11.5,
+    # 10.8 -> 9.7, 30.0 -> 19.9, 165 -> 112); 32: gate_up 34.1 -> 24.9, head 173 -> 126; 64: gate_up 35.3 -> 32.1
+    (Q8_0, 8): {"vocab": ("mma", 2, 1, True, 4), "wide": ("mma", 2, 1, True, 1), "deep": _Q8_16,
+                "narrow": ("mma", 2, 1, True, 4), "mid": ("mma", 2, 1, True, 4)},
+    (Q8_0, 16): {"vocab": ("mma", 2, 1, True, 2), "wide": ("mma", 2, 1, True, 4), "deep": _Q8_16,
+                 "narrow": ("mma", 2, 1, True, 1), "mid": ("mma", 2, 1, True, 4)},
+    (Q8_0, 32): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, True, 4), "deep": ("i8", 32, 64, 4, 4, 4),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 64): {"vocab": ("i8", 64, 128, 4, 5, 1), "wide": ("mma", 4, 2, True, 4), "deep": ("i8", 64, 128, 4, 5, 8),
+                 "narrow": ("mm", 0), "mid": ("mm", 0)},
 }
 # The 5-64-row entries before the mma kernels (the eighth pass's, scripts/gpu/int8_sweep.py 2026-11-22):
 # int8 tensor-core dots in Triton for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against 55 for
