@@ -30,43 +30,13 @@ Epilogue: the residual added, bfloat16/float16 or float32 out.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
 from driftwood.model.cuda import nvrtc
 
-SOURCE = r"""
-typedef unsigned short u16;
-typedef unsigned int u32;
-struct __align__(16) V4 { u32 a, b, c, d; };
+SOURCE = nvrtc.COMMON + r"""
 struct __align__(8) U2 { u32 x, y; };
-
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-template <int DT> __device__ __forceinline__ float to_f(u16 h) {  // DT 0: bfloat16, 1: float16
-  return DT == 0 ? __uint_as_float(((u32)h) << 16) : h2f(h);
-}
-template <int DT> __device__ __forceinline__ u16 from_f(float f) {
-  u16 h;
-  if (DT == 0) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-template <int DT> __device__ __forceinline__ void unpack8(V4 v, float* f) {
-  const u32 w[4] = {v.a, v.b, v.c, v.d};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (DT == 0) { f[2 * i] = __uint_as_float(w[i] << 16); f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
-    else { f[2 * i] = h2f((u16)(w[i] & 0xffffu)); f[2 * i + 1] = h2f((u16)(w[i] >> 16)); }
-  }
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // MODE bits: 1 RMSNorm of x, 2 x is a gate|up pair (silu(gate) * up), 4 residual added, 16 float32 out.
 
@@ -78,7 +48,7 @@ __global__ void __launch_bounds__(128) quantize_frag(const u16* __restrict__ x, 
     double eps, int M, int K, signed char* __restrict__ xq, float* __restrict__ xs) {
   constexpr bool NORM = MODE & 1, GLU = MODE & 2;
   __shared__ float red[4];
-  if constexpr (PDL != 0) { pdl_trigger(); pdl_wait(); }
+  if constexpr (PDL != 0) pdl_start();
   const int m = blockIdx.x, G = K / 32;
   const int mt = m >> 4, gl = m & 7, rh = (m >> 3) & 1;
   const bool live = m < M;
@@ -204,7 +174,7 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
   Words<FMT> wa[NT], wb[NT];
   V4 sca[NT][2], scb[NT][2];
   load_words<FMT, NT>(wa, sca, wp, sp, 0);  // the weights need nothing from the previous kernel
-  if constexpr (PDL != 0) { pdl_trigger(); pdl_wait(); }
+  if constexpr (PDL != 0) pdl_start();
 
   auto stage = [&](int buf, int g0) {  // x's fragments and scales of groups g0 .. g0 + 7 into sa[buf]
     for (int i = threadIdx.x; i < AV + sv; i += WN * 32) {
@@ -346,11 +316,6 @@ def kernel_names(fmt: int, dt: int, rows: int, mode: int, wn: int, nt: int, pdl:
             f"qgemm_mma<{fmt}, {dt}, {mt}, {nt}, {wn}, {mode & (RES | OUT_F32)}, {int(pdl)}>")
 
 
-@functools.cache
-def _kernel(device_index: int, name: str):
-    return nvrtc.kernel(device_index, name, 0, SOURCE)
-
-
 def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *, config: tuple[int, ...],
          residual: torch.Tensor | None = None, glu: bool = False, norm: tuple[torch.Tensor, float] | None = None,
          out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = True) -> torch.Tensor:
@@ -383,11 +348,11 @@ def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *
     qname, gname = kernel_names(fmt, nvrtc.DTYPES[x.dtype], M, mode, wn, nt, pdl, mt)
     nw, eps = norm if norm is not None else (x, 0.0)
     p, i32 = nvrtc.pointer, ctypes.c_int
-    nvrtc.launch(_kernel(dev, qname), mtt * 16, 128, 0,
+    nvrtc.launch(nvrtc.kernel(dev, qname, 0, SOURCE), mtt * 16, 128, 0,
                  [p(x), i32(x.stride(0)), p(nw), ctypes.c_double(eps), i32(M), i32(K), p(xq), p(xs)], pdl)
     res = residual if residual is not None else out
     rows = wn * nt * 8
-    nvrtc.launch(_kernel(dev, gname), -(-N // rows) * (mtt // mt), wn * 32, 0,
+    nvrtc.launch(nvrtc.kernel(dev, gname, 0, SOURCE), -(-N // rows) * (mtt // mt), wn * 32, 0,
                  [p(xq), p(xs), p(codes), p(scales), p(res), p(out), i32(M), i32(N), i32(G), i32(res.stride(0)),
                   i32(out.stride(0)), i32(mtt)], pdl)
     return out

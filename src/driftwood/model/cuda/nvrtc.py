@@ -29,19 +29,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+# Types and conversions every CUDA C++ source here starts with (mma.SOURCE too)
+COMMON = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
 struct __align__(16) V4 { u32 a, b, c, d; };
-struct __align__(16) F4 { float x, y, z, w; };
 
-__device__ __forceinline__ V4 ldw(const V4* p) {  // streamed once: no L1, 256-byte L2 prefetch
-  V4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
-  return v;
-}
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 template <int DT> __device__ __forceinline__ float to_f(u16 h) {  // DT 0: bfloat16, 1: float16
   return DT == 0 ? __uint_as_float(((u32)h) << 16) : h2f(h);
@@ -63,6 +57,21 @@ template <int DT> __device__ __forceinline__ void unpack8(V4 v, float* f) {
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ void pdl_start() {  // PDL: let the next kernel launch, then wait for the previous one
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+"""
+
+SOURCE = COMMON + r"""
+struct __align__(16) F4 { float x, y, z, w; };
+
+__device__ __forceinline__ V4 ldw(const V4* p) {  // streamed once: no L1, 256-byte L2 prefetch
+  V4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
   return v;
 }
 // x element k lies at xs[xs_index(k)]: lane l's 8 elements of 16-byte step s (k = s * 256 + l * 8 + e)
@@ -159,11 +168,6 @@ __device__ __forceinline__ void finish_rows(float y, int row0, int N, float* red
     const u16* res, void* out, int N, double eps, const i64* __restrict__ pos, const float* __restrict__ inv_freq, \
     u16* q, u16* kc, u16* vc, int sc_h, int sc_t, int H, int HKV, int D
 #define FINISH_ARGS res, out, pos, inv_freq, q, kc, vc, sc_h, sc_t, H, HKV, D
-
-__device__ __forceinline__ void pdl_start() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-}
 
 // Dense weights (the compute dtype). A block: WARPS / KSPLIT groups of KSPLIT warps; a group
 // takes RPW consecutive rows, each of its warps a 1 / KSPLIT slice of their columns. PDL
