@@ -141,6 +141,15 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     # are left at zero for the next call
     for _ in range(2):
         assert torch.equal(K.attention(q1, kc[:B], vc[:B], pos, combine=True), split)
+    # only the splits holding keys (one split writes the output itself): the same bits, at the
+    # splits' edges too (192 keys a split here: lengths 192 and 193, one split and two)
+    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
+    for p in (pos, torch.tensor([191, 192, 599], device=device)):
+        two = K.attention(q1, kc[:B], vc[:B], p)
+        for _ in range(2):
+            assert torch.equal(K.attention(q1, kc[:B], vc[:B], p, adaptive=True, counters=counters), two)
+            assert not counters.any(), "the counters are left at zero"
+    assert K.attention_splits(cap) == (4, 192)
     # RMSNorm, the QKV product, RoPE and the cache write in one kernel, against float32 torch
     Nq, Kq = (H + 2 * Hkv) * D, 256
     xq = randn(B, Kq).bfloat16()

@@ -147,3 +147,52 @@ def test_pdl_graph_matches_the_plain_eager_step(tiny_gguf, dtype):
         batch.cache.v.copy_(saved[1])
         got = GraphDecoder(m.transformer, batch.cache, ops=TritonOps(pdl=True))(tokens, pos)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cuda
+@needs_triton
+def test_adaptive_attention_matches_every_split_then_the_combine(tiny_gguf):
+    """Attention that runs only the splits holding keys (one writes the output, more are
+    combined by the last to finish): the same bits as every split then the combine kernel, for
+    rows in one split, at a split's edge and in several, replayed (the counters reset)."""
+    m = load_model(str(tiny_gguf("q4_0", TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
+    from driftwood.model.cuda.kernels import attention_splits
+
+    cap = 600
+    assert attention_splits(cap) == (4, 192)
+    batch = m.new_batch(4, capacity=cap)
+    g = torch.Generator().manual_seed(3)
+    vocab = m.config.vocab_size
+    for b, n in enumerate([3, 191, 192, 450]):  # decode at positions 3, 191 (1 split), 192 (2), 450 (3)
+        batch.prefill(b, torch.randint(0, vocab, (n,), generator=g).tolist())
+    tokens, pos = [1, 2, 3, 4], list(batch.positions)
+    saved = batch.cache.k.clone(), batch.cache.v.clone()
+    runs = {}
+    for adaptive in (False, True):
+        dec = GraphDecoder(m.transformer, batch.cache, ops=TritonOps(adaptive_attention=adaptive))
+        for _ in range(3):  # captured, then replayed
+            batch.cache.k.copy_(saved[0])
+            batch.cache.v.copy_(saved[1])
+            runs.setdefault(adaptive, []).append(dec(tokens, pos).clone())
+        assert not dec.step.counters.any()
+    for got in runs[True]:
+        torch.testing.assert_close(got, runs[False][0], rtol=0, atol=0)
+
+
+@needs_cuda
+@needs_triton
+def test_one_row_inputs_by_stream_writes_match_the_copied_inputs(tiny_gguf):
+    """A session's one-row steps with the token and position written by cuStreamWriteValue64:
+    the same logits as with them copied from a host tensor, token after token, queued without
+    synchronizing (each write ordered after the step before it)."""
+    m = load_model(str(tiny_gguf("q4_0", TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
+    runs = []
+    for write in (True, False):
+        m.graph_write_values = write
+        s = m.new_session(capacity=64)
+        s.prefill(PROMPTS[2])
+        runs.append([s.decode(t) for t in (3, 1, 4, 1, 5, 9, 2, 6)])  # no synchronization between
+        assert (s._decoder.write_value is not None) == write  # available on the CUDA devices we run
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(runs[0][0], runs[0][1])  # each step saw its own token

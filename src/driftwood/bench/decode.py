@@ -199,7 +199,14 @@ def run(args: argparse.Namespace) -> int:
 # name -> (load_model keyword arguments, how the one-token step runs, prediction written
 # before the first measurement on the H100)
 CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "graphs": ({}, {}, "2026-11-23, thirteenth pass: Q4_0 and Q8_0 products of 5-64 rows through int8 mma.sync "
+    "graphs": ({}, {}, "2026-11-23, fourteenth pass: attention in one kernel that runs only the splits holding "
+               "keys (a single one, as at every context up to 192 positions in the benchmark's 4,160-position cache, "
+               "writes the output itself; more are combined by the last to finish) instead of every split and then "
+               "the combine kernel (graphs-two-kernel-attention): batch 1 ~-25 us a token (16 combine kernels of "
+               "~1.5 us and their boundaries), Q4_0 ~0.57-0.59 ms, BF16 ~1.01, Q8_0 ~0.77; batch 64 ~-30 us a step. "
+               "And a one-row step's token and position written by two stream memory operations instead of a host "
+               "tensor and its copy (graphs-copied-inputs): ~-5-10 us a synchronized token, the streamed unchanged. "
+               "Thirteenth pass: Q4_0 and Q8_0 products of 5-64 rows through int8 mma.sync "
                "kernels in CUDA C++ (driftwood.model.cuda.mma: x quantized per group into the A fragments' order by "
                "its own kernel with RMSNorm or SiLU-up inside, the weights' B fragments taken from one word a lane, "
                "x's fragments of 8 groups staged in shared memory for every warp of a block) in place of the Triton "
@@ -258,6 +265,12 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
+    "graphs-copied-inputs": ({}, {"write_values": False}, "fourteenth pass: a one-row step's token and position "
+                             "copied from a host tensor (the thirteenth pass's GraphDecoder) instead of written by "
+                             "two cuStreamWriteValue64 operations, for comparison with graphs in the same run"),
+    "graphs-two-kernel-attention": ({}, {"adaptive_attention": False}, "fourteenth pass: attention as every "
+                                    "split of the sequence, then the combine kernel (the thirteenth pass's step), "
+                                    "for comparison with graphs in the same run"),
     "graphs-before-mma": ({}, {"mma": False}, "thirteenth pass: 5-64-row quantized products as before the mma "
                           "kernels (Triton int8 dots, dequantize + cuBLAS), for comparison with graphs in the same run"),
     "graphs-torch-embed": ({}, {"cuda_embed": False}, "thirteenth pass: the token embeddings through torch's "
@@ -353,11 +366,13 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
     load_kw, step_kw, prediction = CUDA_VARIANTS[name]
     t = time.perf_counter()
     model = load_model(path, device="cuda", dtype="bfloat16", progress=False, **load_kw)
-    ops_kw = {k: v for k, v in step_kw.items() if k != "capture"}  # TritonOps' options
+    ops_kw = {k: v for k, v in step_kw.items() if k not in ("capture", "write_values")}  # TritonOps' options
     if ops_kw:
         model.decode_ops = TritonOps(**ops_kw)
     if step_kw.get("capture") is False:
         model.graph_capture = False
+    if step_kw.get("write_values") is False:
+        model.graph_write_values = False
     row: dict[str, Any] = {"variant": name, "file": os.path.basename(path), "weights": model.weights,
                            "graphs": model.graphs, "capture": model.graph_capture,
                            "load_s": round(time.perf_counter() - t, 2), "prediction": prediction,
@@ -393,7 +408,7 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
         row["decode_ms_per_token_unsynced"] = round(statistics.median(streamed), 4)
         row["prefill_ms"] = {str(m): round(statistics.median(v), 2) for m, v in prefill.items()}
         s.close()
-        every_batch = name in ("graphs", "graphs-before-mma")
+        every_batch = name in ("graphs", "graphs-before-mma", "graphs-two-kernel-attention")
         if every_batch or (name == "torch-eager" and args.decode_tokens):
             tps: dict[str, float] = {}
             for B in batches if every_batch else batches[:2]:

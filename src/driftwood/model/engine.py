@@ -107,6 +107,7 @@ class Model:
         self.compiled = False
         self.graphs = False  # one-token steps through driftwood.model.cuda's graphs
         self.graph_capture = True  # False: the same fused step, launched eagerly (for checks)
+        self.graph_write_values = True  # one row's inputs by stream memory writes (False: copied)
         self.decode_ops = None  # the step's operations (None: driftwood.model.cuda's default)
 
     @property
@@ -125,7 +126,8 @@ class Model:
         """The CUDA-graph step over ``cache`` (:class:`driftwood.model.cuda.decoder.GraphDecoder`)."""
         from driftwood.model.cuda.decoder import GraphDecoder
 
-        return GraphDecoder(self.transformer, cache, graphs=self.graph_capture, ops=self.decode_ops)
+        return GraphDecoder(self.transformer, cache, graphs=self.graph_capture, ops=self.decode_ops,
+                            write_values=self.graph_write_values)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config

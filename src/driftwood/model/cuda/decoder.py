@@ -4,14 +4,15 @@
 cache: per layer RMSNorm, the QKV product, RoPE with the cache write, attention over each
 row's ``pos + 1`` keys, the output product with the residual added, RMSNorm, the gate|up
 product, and the down product that applies ``silu(gate) * up`` as it loads its input and adds
-the residual: 9 kernels a layer with :class:`TritonOps` (attention is two), 6 for one row, where
+the residual: 8 kernels a layer with :class:`TritonOps`, 5 for one row, where
 each RMSNorm runs inside the product that follows it (``fuse_norm``) and RoPE with the cache
 write in the QKV product's epilogue (``fuse_rope``). :class:`TorchOps` computes the same
 functions with torch operations (the CPU, and the reference in tests).
 
 :class:`GraphDecoder` captures the step once per batch-size bucket (1, 2, 4, ... rows of the
 cache) with the token ids and positions in a static device buffer, so a step costs one host
-to device copy of 2 B integers and one graph launch: Python is off the critical path.
+to device copy of 2 B integers (for one row: two stream memory writes) and one graph launch:
+Python is off the critical path.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class TorchOps:
         v_cache[rows, :, pos] = qkv[:, (n_heads + n_kv_heads) * head_dim :].view(B, n_kv_heads, head_dim)
         return qk[:, :n_heads]
 
-    def attention(self, q, k_cache, v_cache, pos):
+    def attention(self, q, k_cache, v_cache, pos, counters=None):
         B, H, D = q.shape
         Hkv, cap = k_cache.shape[1], k_cache.shape[2]
         mask = torch.arange(cap, device=q.device)[None, :] <= pos[:, None]  # (B, cap)
@@ -118,12 +119,14 @@ class TritonOps(TorchOps):
     :data:`~driftwood.model.cuda.kernels.CONFIGS_BEFORE_MMA`). ``cuda_embed``: the token
     embeddings gathered and dequantized in one CUDA kernel (:func:`~driftwood.model.cuda.nvrtc.embed`;
     torch's gather and dequantizing ops take 3 kernels for BF16 and 11 for Q4_0).
+    ``adaptive_attention``: attention in one kernel that runs only the splits holding keys, a
+    single one writing the output itself (False: every split, then the combine kernel).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
                  pdl: bool = False, fuse_combine: bool = False, cuda_gemv: bool = True,
                  cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True, mma: bool = True,
-                 cuda_embed: bool = True) -> None:
+                 cuda_embed: bool = True, adaptive_attention: bool = True) -> None:
         from driftwood.model.cuda import kernels, nvrtc
 
         self.k, self.nvrtc = kernels, nvrtc
@@ -136,6 +139,7 @@ class TritonOps(TorchOps):
         self.fuse_combine = fuse_combine
         self.mma = mma
         self.cuda_embed = cuda_embed
+        self.adaptive_attention = adaptive_attention
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales, configuration) when the gemv kernel runs this product, else None."""
@@ -210,29 +214,38 @@ class TritonOps(TorchOps):
     def rope_store(self, qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
         return self.k.rope_store(qkv, pos, inv_freq, k_cache, v_cache, n_heads, n_kv_heads, head_dim, pdl=self.pdl)
 
-    def attention(self, q, k_cache, v_cache, pos):
-        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl or self.pdl_attention, combine=self.fuse_combine)
+    def attention(self, q, k_cache, v_cache, pos, counters=None):
+        return self.k.attention(q, k_cache, v_cache, pos, pdl=self.pdl or self.pdl_attention, combine=self.fuse_combine,
+                                adaptive=self.adaptive_attention, counters=counters)
 
 
 class DecodeStep:
     """One token for each of B sequences: ``step(tokens, pos, k, v) -> logits (B, vocab)``
     float32, where tokens, pos are (B,) int64 on the device and k, v the KV cache tensors
     (n_layers, rows >= B, n_kv_heads, capacity, head_dim); row b's key and value are written
-    at ``pos[b]`` and it attends to positions ``[0, pos[b]]``."""
+    at ``pos[b]`` and it attends to positions ``[0, pos[b]]``. Attention's counters (zero
+    between calls) are the step's own, so that steps over different caches may run at once."""
 
     def __init__(self, transformer: Transformer, ops: TorchOps) -> None:
         self.t, self.ops = transformer, ops
         c = transformer.config
         self.dims = (c.n_heads, c.n_kv_heads, c.head_dim)
+        self.counters: torch.Tensor | None = None
+        self._replaced: list[torch.Tensor | None] = []
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, ops = self.t, self.ops
         B = tokens.shape[0]
+        if self.counters is None or self.counters.numel() < k.shape[1] * self.dims[1]:
+            # one for each of the cache's rows and KV heads; a captured graph holds the address,
+            # so one replaced (a larger cache) is kept
+            self._replaced.append(self.counters)
+            self.counters = torch.zeros(k.shape[1] * self.dims[1], dtype=torch.int32, device=tokens.device)
         x = ops.embed(t.embed, tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
             q = ops.qkv_rope(x, layer.attn_norm, layer.eps, layer.attn.wqkv, pos, t.inv_freq, k[i, :B], v[i, :B],
                              *self.dims)  # (B, H, D); k, v written at pos
-            a = ops.attention(q, k[i, :B], v[i, :B], pos)  # (B, H D)
+            a = ops.attention(q, k[i, :B], v[i, :B], pos, self.counters)  # (B, H D)
             x = ops.linear(a, layer.attn.wo, residual=x)
             gu = ops.norm_linear(x, layer.ffn_norm, layer.eps, layer.mlp.w13)  # (B, 2 ffn)
             x = ops.linear(gu, layer.mlp.w2, residual=x, glu=True)
@@ -241,6 +254,47 @@ class DecodeStep:
 
 def default_ops(device: torch.device, dense: str = "cublas") -> TorchOps:
     return TritonOps(dense) if device.type == "cuda" else TorchOps()
+
+
+def stream_write_value(device: torch.device):
+    """``write(stream, address, value)``: the driver's ``cuStreamWriteValue64`` (a 64-bit value
+    written to device memory in stream order, the value taken at the call), or None where the
+    driver or device lacks it (checked once a device by writing and reading back)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WRITE_VALUE:
+        _WRITE_VALUE[index] = _probe_write_value(torch.device("cuda", index))
+    return _WRITE_VALUE[index]
+
+
+_WRITE_VALUE: dict[int, object] = {}
+
+
+def _probe_write_value(device: torch.device):
+    import ctypes
+
+    try:
+        from torch.cuda._utils import _get_gpu_runtime_library
+
+        fn = _get_gpu_runtime_library().cuStreamWriteValue64_v2
+    except (ImportError, AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def write(stream: int, address: int, value: int) -> None:
+        rc = fn(stream, address, value, 0)
+        if rc != 0:
+            raise RuntimeError(f"cuStreamWriteValue64 failed (CUresult {rc})")
+
+    probe = torch.full((2,), -1, dtype=torch.int64, device=device)
+    try:
+        with torch.cuda.device(device):
+            write(torch.cuda.current_stream(device).cuda_stream, probe.data_ptr() + 8, 123456789012)
+        ok = probe.tolist() == [-1, 123456789012]
+    except RuntimeError as exc:
+        log.info("stream memory operations unavailable (%s): decode copies its inputs", exc)
+        return None
+    return write if ok else None
 
 
 class GraphDecoder:
@@ -253,7 +307,7 @@ class GraphDecoder:
     """
 
     def __init__(self, transformer: Transformer, cache: KVCache, *, graphs: bool = True,
-                 ops: TorchOps | None = None) -> None:
+                 ops: TorchOps | None = None, write_values: bool = True) -> None:
         self.cache = cache
         self.device = cache.k.device
         self.step = DecodeStep(transformer, ops or default_ops(self.device))
@@ -261,9 +315,20 @@ class GraphDecoder:
         self.io = torch.zeros(2, cache.batch, dtype=torch.int64, device=self.device)  # tokens; positions
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        # one row's token and position written by two stream memory operations instead of a
+        # host tensor and its copy (None: not available here)
+        self.write_value = stream_write_value(self.device) if write_values and self.graphs_enabled else None
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         n = len(tokens)
+        if n == 1 and self.write_value is not None and 1 in self.graphs:
+            graph, out = self.graphs[1]
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            at = self.io.data_ptr()
+            self.write_value(stream, at, tokens[0])
+            self.write_value(stream, at + 8 * self.cache.batch, positions[0])  # io[1, 0]
+            graph.replay()
+            return out
         rows = bucket(n) if self.graphs_enabled else n
         if rows > self.cache.batch:
             raise ValueError(f"{n} sequences do not fit the cache's {self.cache.batch} rows")

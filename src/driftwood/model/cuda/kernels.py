@@ -954,61 +954,83 @@ def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, k_c
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ml_ptr, cnt_ptr, out_ptr, sc_b, sc_h, sc_t, scale,
                        H: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                        SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                       F32: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr):
+                       F32: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr, ADAPT: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)  # KV head
     s = tl.program_id(2)  # split of the sequence
     _pdl_start(PDL)
     _pdl_wait(PDL)
     length = tl.load(pos_ptr + b) + 1
-    start = s * SPLIT
-    end = tl.minimum(start + SPLIT, length)
-    rr = tl.arange(0, REP_P)
-    rd = tl.arange(0, D)
-    heads = g * REP + rr
-    mask_r = rr < REP
-    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + rd[None, :], mask=mask_r[:, None], other=0.0)
-    m = tl.full((REP_P,), float("-inf"), tl.float32)
-    denom = tl.zeros((REP_P,), tl.float32)
-    acc = tl.zeros((REP_P, D), tl.float32)
-    base = b * sc_b + g * sc_h
-    for t0 in range(start, end, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        mt = rt < end
-        off = base + rt[:, None] * sc_t + rd[None, :]
-        k = tl.load(k_ptr + off, mask=mt[:, None], other=0.0)
-        v = tl.load(v_ptr + off, mask=mt[:, None], other=0.0)
-        sc = _dot(q, tl.trans(k), F32) * scale  # (REP_P, BLOCK_T)
-        sc = tl.where(mt[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        p = tl.exp(sc - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
-        m = m_new
+    # ADAPT: only the splits that hold keys run (the rest return); one split writes the output
+    # itself, more are combined by the last of them to finish
+    n_run = tl.cdiv(length, SPLIT) if ADAPT else NSPLIT
+    if s < n_run:
+        start = s * SPLIT
+        end = tl.minimum(start + SPLIT, length)
+        rr = tl.arange(0, REP_P)
+        rd = tl.arange(0, D)
+        heads = g * REP + rr
+        mask_r = rr < REP
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * D + rd[None, :], mask=mask_r[:, None], other=0.0)
+        m = tl.full((REP_P,), float("-inf"), tl.float32)
+        denom = tl.zeros((REP_P,), tl.float32)
+        acc = tl.zeros((REP_P, D), tl.float32)
+        base = b * sc_b + g * sc_h
+        for t0 in range(start, end, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            mt = rt < end
+            off = base + rt[:, None] * sc_t + rd[None, :]
+            k = tl.load(k_ptr + off, mask=mt[:, None], other=0.0)
+            v = tl.load(v_ptr + off, mask=mt[:, None], other=0.0)
+            sc = _dot(q, tl.trans(k), F32) * scale  # (REP_P, BLOCK_T)
+            sc = tl.where(mt[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+            m = m_new
+        if ADAPT:
+            if n_run == 1:  # the combine of one split, the same operations: acc / denom
+                y = acc / denom[:, None]
+                tl.store(out_ptr + (b * H + heads)[:, None] * D + rd[None, :], y.to(out_ptr.dtype.element_ty),
+                         mask=mask_r[:, None])
+            else:
+                _partials(o_ptr, ml_ptr, cnt_ptr, out_ptr, acc, m, denom, b, g, s, heads, mask_r, rd, n_run,
+                          H, REP, D, NSPLIT, True)
+        else:
+            _partials(o_ptr, ml_ptr, cnt_ptr, out_ptr, acc, m, denom, b, g, s, heads, mask_r, rd, n_run,
+                      H, REP, D, NSPLIT, COMBINE)
+
+
+@triton.jit
+def _partials(o_ptr, ml_ptr, cnt_ptr, out_ptr, acc, m, denom, b, g, s, heads, mask_r, rd, n_run,
+              H: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, COMBINE: tl.constexpr):
+    """Split s's partial output, maximum and denominator stored for a combine; ``COMBINE``: the
+    last of the ``n_run`` splits of this (row, KV head) to finish combines its REP query heads
+    (the counter's acq_rel atomic orders the other programs' stores before these loads) and
+    resets the counter for the next call."""
     row = (b * H + heads) * NSPLIT + s
     tl.store(o_ptr + row[:, None] * D + rd[None, :], acc, mask=mask_r[:, None])
     tl.store(ml_ptr + row * 2, m, mask=mask_r)
     tl.store(ml_ptr + row * 2 + 1, denom, mask=mask_r)
     if COMBINE:
-        # The last split program of this (row, KV head) to finish combines the splits of its
-        # REP query heads (the counter's acq_rel atomic orders the other programs' stores
-        # before these loads) and resets the counter for the next call.
         done = tl.atomic_add(cnt_ptr + b * (H // REP) + g, 1, sem="acq_rel")
-        if done == NSPLIT - 1:
+        if done == n_run - 1:
             rs = tl.arange(0, NSPLIT)
             for r in tl.static_range(REP):
-                head_row = b * H + g * REP + r
-                _combine_row(o_ptr, ml_ptr, out_ptr, head_row, rs, rd, D, NSPLIT)
+                _combine_row(o_ptr, ml_ptr, out_ptr, b * H + g * REP + r, rs, rd, D, NSPLIT, n_run)
             tl.atomic_xchg(cnt_ptr + b * (H // REP) + g, 0, sem="relaxed")
 
 
 @triton.jit
-def _combine_row(o_ptr, ml_ptr, out_ptr, row, rs, rd, D: tl.constexpr, NSPLIT: tl.constexpr):
-    m = tl.load(ml_ptr + (row * NSPLIT + rs) * 2)
-    denom = tl.load(ml_ptr + (row * NSPLIT + rs) * 2 + 1)
+def _combine_row(o_ptr, ml_ptr, out_ptr, row, rs, rd, D: tl.constexpr, NSPLIT: tl.constexpr, n):
+    """Row ``row``'s output from its first ``n`` splits' partials (the later ones read as empty)."""
+    ok = rs < n
+    m = tl.load(ml_ptr + (row * NSPLIT + rs) * 2, mask=ok, other=float("-inf"))
+    denom = tl.load(ml_ptr + (row * NSPLIT + rs) * 2 + 1, mask=ok, other=0.0)
     w = tl.exp(m - tl.max(m, axis=0))  # empty splits: exp(-inf) = 0
-    o = tl.load(o_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :])
+    o = tl.load(o_ptr + (row * NSPLIT + rs)[:, None] * D + rd[None, :], mask=ok[:, None], other=0.0)
     y = tl.sum(o * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
     tl.store(out_ptr + row * D + rd, y.to(out_ptr.dtype.element_ty))
 
@@ -1018,7 +1040,7 @@ def _attn_combine_kernel(o_ptr, ml_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.con
     row = tl.program_id(0)  # b * H + h
     _pdl_start(PDL)
     _pdl_wait(PDL)
-    _combine_row(o_ptr, ml_ptr, out_ptr, row, tl.arange(0, NSPLIT), tl.arange(0, D), D, NSPLIT)
+    _combine_row(o_ptr, ml_ptr, out_ptr, row, tl.arange(0, NSPLIT), tl.arange(0, D), D, NSPLIT, NSPLIT)
 
 
 def attention_splits(capacity: int) -> tuple[int, int]:
@@ -1047,12 +1069,20 @@ ATTENTION_FEW, ATTENTION_MANY = (64, 4), (16, 1)
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
               out: torch.Tensor | None = None, pdl: bool = False, combine: bool = False,
-              config: tuple[int, int] | None = None) -> torch.Tensor:
+              config: tuple[int, int] | None = None, adaptive: bool = False,
+              counters: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, D) at positions pos (B,) over ``k_cache[b, :, :pos[b] + 1]`` (one layer,
-    (Bc, Hkv, cap, D)) -> (B, H * D). ``combine``: the splits combined by the last split
-    program of each KV head (one kernel) instead of by a second kernel; off by default, as it
-    measured slower on the H100 (docs/gpu.md, fourth pass). ``config``: (keys a block, num_warps),
-    by default :data:`ATTENTION_FEW` up to 16 rows, else :data:`ATTENTION_MANY`."""
+    (Bc, Hkv, cap, D)) -> (B, H * D), split along the sequence into :func:`attention_splits`.
+
+    By default a second kernel combines the splits. ``combine``: the last split program of each
+    KV head combines them instead (measured slower on the H100, docs/gpu.md's fourth pass).
+    ``adaptive``: only the splits that hold keys run; where a row's keys fit one split (contexts
+    up to the split's length: 192 positions in a 4,160-position cache) it writes the output
+    itself, else the last of them combines; one kernel, the output bit-identical to the default.
+    ``counters``: ``B * Hkv`` int32 zeros, left zeroed, for ``combine`` and ``adaptive`` (by
+    default one tensor per device and size; calls that may run at once on different streams
+    need their own). ``config``: (keys a block, num_warps), by default :data:`ATTENTION_FEW` up to
+    16 rows, else :data:`ATTENTION_MANY`."""
     B, H, D = q.shape
     Hkv, cap = k_cache.shape[1], k_cache.shape[2]
     rep = H // Hkv
@@ -1062,13 +1092,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     ml = torch.empty(B * H * nsplit, 2, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
-    cnt = _counters(q.device, B * Hkv) if combine else ml
+    if combine or adaptive:
+        cnt = _counters(q.device, B * Hkv) if counters is None else counters
+        assert cnt.dtype == torch.int32 and cnt.numel() >= B * Hkv
+    else:
+        cnt = ml
     _attn_split_kernel[(B, Hkv, nsplit)](
         q, k_cache, v_cache, pos, o, ml, cnt, out, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D**-0.5, H=H, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=D, SPLIT=split,
-        NSPLIT=nsplit, BLOCK_T=block_t, F32=INTERPRET, num_warps=warps, PDL=pdl and PDL_SUPPORTED, COMBINE=combine,
-        **_launch(pdl))
-    if not combine:
+        NSPLIT=nsplit, BLOCK_T=block_t, F32=INTERPRET, num_warps=warps, PDL=pdl and PDL_SUPPORTED,
+        COMBINE=combine and not adaptive, ADAPT=adaptive, **_launch(pdl))
+    if not (combine or adaptive):
         _attn_combine_kernel[(B * H,)](o, ml, out, D=D, NSPLIT=nsplit, num_warps=1, PDL=pdl and PDL_SUPPORTED,
                                        **_launch(pdl))
     return out
