@@ -59,6 +59,7 @@ def main() -> int:
 
         out["decode_sync"] = median_us(decode)
         out["replay_sync"] = median_us(graph.replay)
+        out["decoder_sync"] = median_us(lambda: dec([ids[30]], [pos]))  # the inputs written, no clone
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         gpu = []
         for _ in range(N):
@@ -79,6 +80,32 @@ def main() -> int:
         out["sync_idle"] = median_us(lambda: None)
         out["python_checks"] = median_us(lambda: (rewind(), s._cache(), s._validate([ids[30]])), sync_before=False,
                                          sync_after=False)
+        # the one-row inputs: two stream memory writes (what decode does) against the copy,
+        # alternating so that both see the same machine
+        w = dec.write_value
+        stream_raw = torch._C._cuda_getCurrentRawStream
+        index = dec.device.index or 0
+        out["current_stream_call"] = median_us(lambda: torch.cuda.current_stream(dec.device).cuda_stream,
+                                               sync_after=False)
+        out["raw_stream_call"] = median_us(lambda: stream_raw(index), sync_after=False)
+        if w is not None:
+            at, st = dec.io.data_ptr(), stream_raw(index)
+            out["write_values_call"] = median_us(lambda: (w(st, at, ids[30]), w(st, at + 8 * dec.cache.batch, pos)),
+                                                 sync_after=False)
+        pair: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(2 * N):
+            mode = bool(i % 2) and w is not None
+            dec.write_value = w if mode else None
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            decode()
+            torch.cuda.synchronize()
+            pair[mode].append((time.perf_counter() - t) * 1e6)
+        dec.write_value = w
+        out["decode_sync_write_values"] = round(statistics.median(pair[True]), 2) if w is not None else None
+        out["decode_sync_copied"] = round(statistics.median(pair[False]), 2)
+        out["out_clone_call"] = median_us(lambda: logits.clone(), sync_after=False)
+        out["empty_copy_call"] = median_us(lambda: torch.empty_like(logits[0]).copy_(logits[0]), sync_after=False)
     row = {"model": path, "device": torch.cuda.get_device_name(), "us": out, "repetitions": N}
     print(json.dumps(row, indent=1))
     if len(sys.argv) > 2:

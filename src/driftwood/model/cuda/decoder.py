@@ -318,12 +318,15 @@ class GraphDecoder:
         # one row's token and position written by two stream memory operations instead of a
         # host tensor and its copy (None: not available here)
         self.write_value = stream_write_value(self.device) if write_values and self.graphs_enabled else None
+        self._index = self.device.index or 0
+        self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda i: torch.cuda.current_stream(i).cuda_stream)  # the fast one is torch's private API
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         n = len(tokens)
         if n == 1 and self.write_value is not None and 1 in self.graphs:
             graph, out = self.graphs[1]
-            stream = torch.cuda.current_stream(self.device).cuda_stream
+            stream = self._raw_stream(self._index)
             at = self.io.data_ptr()
             self.write_value(stream, at, tokens[0])
             self.write_value(stream, at + 8 * self.cache.batch, positions[0])  # io[1, 0]
