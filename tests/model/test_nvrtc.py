@@ -23,7 +23,8 @@ LAUNCHES = [("dense", torch.bfloat16, None, False), ("dense", torch.bfloat16, (4
             ("dense", torch.float16, (8, 2, 2), False)]
 LAUNCHES += [(f, *launch) for f in ("q4_0", "q8_0") for launch in
              [(torch.bfloat16, None, True), (torch.bfloat16, (4, 2, 2), False), (torch.float16, (8, 1, 1), True),
-              (torch.bfloat16, (16, 1, 1), True), (torch.bfloat16, (8, 4, 1), True)]]
+              (torch.bfloat16, (16, 1, 1), True), (torch.bfloat16, (8, 4, 1), True),
+              (torch.bfloat16, (8, 1, 1, 1), True), (torch.float16, (4, 2, 1, 1), False)]]  # looping blocks
 
 
 # the sweep's random matrices and float32 references (it imports the Triton kernels: CUDA only)
@@ -39,7 +40,7 @@ def test_products_match_float32(fmt, dtype, n, k, mode, config, pdl):
     from driftwood.model.cuda import nvrtc
 
     f = {"dense": nvrtc.DENSE, "q4_0": nvrtc.Q4_0, "q8_0": nvrtc.Q8_0}[fmt]
-    if config is not None and (k % (256 * config[2]) or (f != nvrtc.DENSE and nvrtc.lane_loads(f, k, *config[1:]) > 8)):
+    if config is not None and nvrtc.fit(f, k, config) != config:
         pytest.skip("K not divisible among the warps of a row, or too many loads a lane")
     g = torch.Generator(device="cuda").manual_seed(n * k)
     wk, _, w = matrix(n, k, f, g, dtype)
@@ -59,6 +60,34 @@ def test_products_match_float32(fmt, dtype, n, k, mode, config, pdl):
                          config=config, pdl=pdl, out=kw.get("residual"), **kw)
     assert got.shape == (1, n) and got.dtype == (torch.float32 if mode == "norm_f32" else dtype)
     assert rel(got, want) < (1e-4 if mode == "norm_f32" else 4e-3)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("config", [(4, 1, 1, 1), (8, 2, 1, 1), (16, 1, 1, 1)])
+@pytest.mark.parametrize("n,k", [(40003, 2048), (20000, 256)])
+def test_looping_blocks_take_every_tile(fmt, config, n, k):
+    """Blocks that loop over tiles (the grid as many as are resident): more tiles than blocks,
+    the last one partial; RMSNorm inside, float32 out, against float32; in a graph with PDL."""
+    from driftwood.model.cuda import nvrtc
+
+    f = {"q4_0": nvrtc.Q4_0, "q8_0": nvrtc.Q8_0}[fmt]
+    if nvrtc.fit(f, k, config) != config:
+        pytest.skip("too many loads a lane")
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    wk, _, w = matrix(n, k, f, g, torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    norm = ((torch.rand(k, device="cuda", generator=g) + 0.5).bfloat16(), 1e-5)
+    rows = config[0] * config[1]
+    assert -(-n // rows) > 2 * torch.cuda.get_device_properties(0).multi_processor_count * (16 // config[0])
+    out = torch.full((1, n), float("nan"), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nvrtc.gemv_row(x, **wk, norm=norm, out=out, config=config, pdl=True)
+    for _ in range(2):
+        x.copy_(torch.randn(1, k, device="cuda", generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert rel(out, product_reference(w, x, norm=norm)) < 1e-4
 
 
 @pytest.mark.parametrize("config", [None, (8, 2, 1), (4, 4, 2), (16, 1, 1)])

@@ -238,27 +238,11 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) gemv_row(GEMV_
   finish_rows<DT, RPW, KSPLIT, MODE>(y, row0, N, red, FINISH_ARGS);
 }
 
-// Q4_0 (FMT 2) and Q8_0 (FMT 1) weights as BlockLinear keeps them: a 32-column group is 16 (Q4_0)
-// or 32 bytes of int32 words and one fp16 scale. Lane l of a warp takes groups l, l + 32, ... of
-// its slice of each of its RPW rows, all requested at once (before the PDL wait). x is staged as
-// eight float4 a group, chunk c of group g at xs4[c * G + g] (the lanes' reads contiguous): Q4_0
-// word w's nibbles 0-3 in chunk 2w, 4-7 in 2w + 1; Q8_0 word i's bytes in chunk i. A code reads
-// as float "bias + code" (a shift and one AND-OR, no conversion), the biases taken off once per
-// group through xoff[g] = sum of x times each column's bias (+ 8 or + 128 for the codes' offset).
-template <int FMT, int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL>
-__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV_PARAMS) {
-  constexpr int G = KD / 32, GS = G / KSPLIT;   // groups a row, a slice
-  constexpr int NG = (GS + 31) / 32;            // groups a lane a row
-  constexpr int U = FMT == 2 ? 1 : 2;           // 16-byte loads a group
-  static_assert(G % KSPLIT == 0 && WARPS % KSPLIT == 0 && RPW * NG * U <= 8, "too much a lane");
-  extern __shared__ F4 xs4[];                   // 8 G float4, then xoff: G floats
-  float* xoff = reinterpret_cast<float*>(xs4 + 8 * G);
-  __shared__ float red[WARPS * (RPW > 1 ? RPW : 1)];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KSPLIT;
-  const int row0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * RPW;
-  const V4* wv = reinterpret_cast<const V4*>(weights);
-  V4 b[RPW][NG][U];
-  u16 sc[RPW][NG];
+// A warp group's RPW rows of a quantized matrix from row0 on (its slice of the columns): lane l's
+// 16-byte loads of groups l, l + 32, ... and their scales, zeros for rows past N.
+template <int FMT, int G, int GS, int RPW, int NG, int U>
+__device__ __forceinline__ void load_rows(V4 (&b)[RPW][NG][U], u16 (&sc)[RPW][NG], const V4* wv, const u16* scales,
+                                          int row0, int N, int slice, int lane) {
 #pragma unroll
   for (int j = 0; j < RPW; ++j) {
 #pragma unroll
@@ -267,33 +251,16 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
       const bool ok = row0 + j < N && (GS % 32 == 0 || gi < GS);
       const size_t at = (size_t)(ok ? row0 + j : 0) * G + (ok ? g : 0);
 #pragma unroll
-      for (int u = 0; u < U; ++u) b[j][n][u] = ok ? ldw(wv + at * U + u) : V4{0, 0, 0, 0};
+      for (int u = 0; u < U; ++u) b[j][n][u] = ok ? ldw(reinterpret_cast<const V4*>(wv) + at * U + u) : V4{0, 0, 0, 0};
       sc[j][n] = ok ? scales[at] : (u16)0;
     }
   }
-  if constexpr (PDL != 0) pdl_start();  // griddepcontrol: sm_90 and later only
-  stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) {
-    const int g = k >> 5, c = k & 31;
-    const int chunk = FMT == 2 ? ((c & 3) * 2 + (c >> 4)) : (c & 7);  // Q4_0: column 4p + w; Q8_0: 8b + i
-    const int e = FMT == 2 ? ((c >> 2) & 3) : (c >> 3);
-    return (chunk * G + g) * 4 + e;
-  });
-  for (int g = threadIdx.x; g < G; g += WARPS * 32) {
-    float o = 0.f;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const F4 v = xs4[c * G + g];
-      if (FMT == 1) o += 32896.f * (v.x + v.y + v.z + v.w);  // every byte reads 32768 + (q + 128)
-      else {  // chunk 2w: nibbles 0-3, 2w + 1: nibbles 4-7; odd nibbles 1, 3, 5 read 2048 + q, the rest 128 + q
-        const bool hi = c & 1;
-        o += hi ? 136.f * v.x + 2056.f * v.y + 136.f * v.z + 136.f * v.w
-                : 136.f * v.x + 2056.f * v.y + 136.f * v.z + 2056.f * v.w;
-      }
-    }
-    xoff[g] = o;
-  }
-  __syncthreads();
+}
 
+// The rows of load_rows against x staged by qgemv_row: lane j < RPW returns its slice of row row0 + j.
+template <int FMT, int G, int GS, int RPW, int NG, int U>
+__device__ __forceinline__ float dot_rows(const V4 (&b)[RPW][NG][U], const u16 (&sc)[RPW][NG], const F4* xs4,
+                                          const float* xoff, int slice, int lane) {
   const u32 ma = FMT == 2 ? 0xF000u : 0xFF00u, mb = 0xF0000u, ca = FMT == 2 ? 0x45000000u : 0x47000000u,
             cb = 0x43000000u;
   float y = 0.f;
@@ -317,7 +284,7 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
         }
       } else {
         const u32 wd[8] = {b[j][n][0].a, b[j][n][0].b, b[j][n][0].c, b[j][n][0].d,
-                           b[j][n][1].a, b[j][n][1].b, b[j][n][1].c, b[j][n][1].d};
+                           b[j][n][U - 1].a, b[j][n][U - 1].b, b[j][n][U - 1].c, b[j][n][U - 1].d};
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const u32 t = wd[i] ^ 0x80808080u;  // signed bytes to q + 128
@@ -331,10 +298,78 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
     const float s = warp_sum(acc);
     if (lane == j) y = s;
   }
-  finish_rows<DT, RPW, KSPLIT, MODE>(y, row0, N, red, FINISH_ARGS);
+  return y;
 }
 
-// Rows tokens[b] of a GGUF token-embedding table (raw bytes, row_bytes a row) in the compute dtype DT, one
+// Q4_0 (FMT 2) and Q8_0 (FMT 1) weights as BlockLinear keeps them: a 32-column group is 16 (Q4_0)
+// or 32 bytes of int32 words and one fp16 scale. Lane l of a warp takes groups l, l + 32, ... of
+// its slice of each of its RPW rows, all requested at once (before the PDL wait). x is staged as
+// eight float4 a group, chunk c of group g at xs4[c * G + g] (the lanes' reads contiguous): Q4_0
+// word w's nibbles 0-3 in chunk 2w, 4-7 in 2w + 1; Q8_0 word i's bytes in chunk i. A code reads
+// as float "bias + code" (a shift and one AND-OR, no conversion), the biases taken off once per
+// group through xoff[g] = sum of x times each column's bias (+ 8 or + 128 for the codes' offset).
+// LOOP (KSPLIT 1): a block takes tiles blockIdx.x, + gridDim.x, ... of its WARPS * RPW rows (the
+// grid as many blocks as are resident at once), x staged once, the next tile's weights in flight
+// while one is multiplied (two sets of registers).
+template <int FMT, int DT, int KD, int WARPS, int RPW, int KSPLIT, int MODE, int PDL, int LOOP = 0>
+__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV_PARAMS) {
+  constexpr int G = KD / 32, GS = G / KSPLIT;   // groups a row, a slice
+  constexpr int NG = (GS + 31) / 32;            // groups a lane a row
+  constexpr int U = FMT == 2 ? 1 : 2;           // 16-byte loads a group
+  static_assert(G % KSPLIT == 0 && WARPS % KSPLIT == 0 && (LOOP ? 2 : 1) * RPW * NG * U <= 8, "too much a lane");
+  static_assert(!LOOP || KSPLIT == 1, "a looping block's warps each take whole rows");
+  extern __shared__ F4 xs4[];                   // 8 G float4, then xoff: G floats
+  float* xoff = reinterpret_cast<float*>(xs4 + 8 * G);
+  __shared__ float red[WARPS * (RPW > 1 ? RPW : 1)];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KSPLIT;
+  const int rows = (WARPS / KSPLIT) * RPW, tiles = (N + rows - 1) / rows;
+  const int first = (warp / KSPLIT) * RPW;      // the warp group's first row in a tile
+  const V4* wv = reinterpret_cast<const V4*>(weights);
+  V4 b[RPW][NG][U], b2[RPW][NG][U];
+  u16 sc[RPW][NG], sc2[RPW][NG];
+  int t = blockIdx.x;
+  load_rows<FMT, G, GS, RPW, NG, U>(b, sc, wv, scales, t * rows + first, N, slice, lane);
+  if (LOOP) load_rows<FMT, G, GS, RPW, NG, U>(b2, sc2, wv, scales, (t + gridDim.x) * rows + first, N, slice, lane);
+  if constexpr (PDL != 0) pdl_start();  // griddepcontrol: sm_90 and later only
+  stage_x<DT, KD, WARPS * 32, MODE>(x, nw, eps, reinterpret_cast<float*>(xs4), red, [](int k) {
+    const int g = k >> 5, c = k & 31;
+    const int chunk = FMT == 2 ? ((c & 3) * 2 + (c >> 4)) : (c & 7);  // Q4_0: column 4p + w; Q8_0: 8b + i
+    const int e = FMT == 2 ? ((c >> 2) & 3) : (c >> 3);
+    return (chunk * G + g) * 4 + e;
+  });
+  for (int g = threadIdx.x; g < G; g += WARPS * 32) {
+    float o = 0.f;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const F4 v = xs4[c * G + g];
+      if (FMT == 1) o += 32896.f * (v.x + v.y + v.z + v.w);  // every byte reads 32768 + (q + 128)
+      else {  // chunk 2w: nibbles 0-3, 2w + 1: nibbles 4-7; odd nibbles 1, 3, 5 read 2048 + q, the rest 128 + q
+        const bool hi = c & 1;
+        o += hi ? 136.f * v.x + 2056.f * v.y + 136.f * v.z + 136.f * v.w
+                : 136.f * v.x + 2056.f * v.y + 136.f * v.z + 2056.f * v.w;
+      }
+    }
+    xoff[g] = o;
+  }
+  __syncthreads();
+
+  if constexpr (!LOOP) {
+    const float y = dot_rows<FMT, G, GS, RPW, NG, U>(b, sc, xs4, xoff, slice, lane);
+    finish_rows<DT, RPW, KSPLIT, MODE>(y, t * rows + first, N, red, FINISH_ARGS);
+  } else {
+    for (;; t += 2 * gridDim.x) {  // two tiles a turn, so that each set of registers stays put
+      float y = dot_rows<FMT, G, GS, RPW, NG, U>(b, sc, xs4, xoff, slice, lane);
+      load_rows<FMT, G, GS, RPW, NG, U>(b, sc, wv, scales, (t + 2 * gridDim.x) * rows + first, N, slice, lane);
+      finish_rows<DT, RPW, KSPLIT, MODE>(y, t * rows + first, N, red, FINISH_ARGS);
+      if (t + gridDim.x >= tiles) break;
+      y = dot_rows<FMT, G, GS, RPW, NG, U>(b2, sc2, xs4, xoff, slice, lane);
+      load_rows<FMT, G, GS, RPW, NG, U>(b2, sc2, wv, scales, (t + 3 * gridDim.x) * rows + first, N, slice, lane);
+      finish_rows<DT, RPW, KSPLIT, MODE>(y, (t + gridDim.x) * rows + first, N, red, FINISH_ARGS);
+      if (t + 2 * gridDim.x >= tiles) break;
+    }
+  }
+}
+
 // block a row: FMT 2 Q4_0 (18-byte blocks: fp16 d, then 16 bytes holding column j in the low nibble of
 // byte j and j + 16 in the high one; d * (q - 8)), 1 Q8_0 (34-byte blocks: fp16 d, 32 int8; d * q), 3 F32,
 // 4 F16, 5 BF16; the value computed in float32 as gguf.dequantize_bytes does, then rounded once. The next
@@ -415,11 +450,16 @@ def default_config(fmt: int, k: int) -> tuple[int, int, int] | None:
     return fit(fmt, k, (warps, rpw, ksplit))
 
 
-def fit(fmt: int, k: int, cfg: tuple[int, int, int], rope: bool = False) -> tuple[int, int, int] | None:
+def fit(fmt: int, k: int, cfg: tuple[int, ...], rope: bool = False) -> tuple[int, ...] | None:
     """``cfg`` made valid for K = k, or None: RoPE pairs rows within a warp (an even number of
     rows a group), the quantized kernel holds at most 8 loads a lane, 4 with RoPE (more warps a
-    row where needed), and K divides among a row's warps (256 columns a slice)."""
-    warps, rpw, ksplit = cfg
+    row where needed), and K divides among a row's warps (256 columns a slice). A fourth element
+    1 (quantized only, one warp a row, twice the loads a lane): blocks that loop over tiles."""
+    if len(cfg) > 3 and cfg[3]:
+        warps, rpw, ksplit = cfg[:3]
+        ok = fmt != DENSE and ksplit == 1 and not rope and 2 * lane_loads(fmt, k, rpw, 1) <= 8 and k % 256 == 0
+        return (warps, rpw, 1, 1) if ok else None
+    warps, rpw, ksplit = cfg[:3]
     if rope and rpw % 2:
         rpw += 1
     most = 4 if rope else 8  # the RoPE epilogue's registers: 8 loads a lane spilled at K = 8192
@@ -481,9 +521,10 @@ def compile_cubin(source: str, names: list[str], arch: str, lib: Any = None,
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def kernel_name(fmt: int, dt: int, k: int, warps: int, rpw: int, ksplit: int, mode: int, pdl: bool) -> str:
+def kernel_name(fmt: int, dt: int, k: int, warps: int, rpw: int, ksplit: int, mode: int, pdl: bool,
+                loop: int = 0) -> str:
     head = "gemv_row<" if fmt == DENSE else f"qgemv_row<{fmt}, "
-    return f"{head}{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}>"
+    return f"{head}{dt}, {k}, {warps}, {rpw}, {ksplit}, {mode}, {int(pdl)}{', 1' if loop else ''}>"
 
 
 def kernel(device_index: int, name: str, shared: int = 0, source: str | None = None) -> Any:
@@ -581,7 +622,8 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
     n, k = weight.shape[0], in_features(fmt, weight)
     cfg = fit(fmt, k, config, rope is not None) if config else pick(fmt, k, n, rope is not None)
     assert cfg is not None, "the Triton kernel runs this product (nvrtc.supports)"
-    warps, rpw, ksplit = cfg
+    warps, rpw, ksplit = cfg[:3]
+    loop = len(cfg) > 3 and cfg[3]
     pdl = pdl and pdl_supported(x.device.index or 0)
     mode = (NORM if norm is not None else 0) | (GLU if glu else 0) | (RES if residual is not None else 0)
     i32 = ctypes.c_int
@@ -605,12 +647,21 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
     nw, eps = norm if norm is not None else (x, 0.0)
     assert fmt == DENSE or (scales is not None and scales.dtype == torch.float16 and scales.is_contiguous())
     shared = k * 4 + (0 if fmt == DENSE else k // 32 * 4)  # x as float32 (+ a float a group)
-    fn = kernel(x.device.index or 0, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl), shared)
+    index = x.device.index or 0
+    fn = kernel(index, kernel_name(fmt, DTYPES[x.dtype], k, warps, rpw, ksplit, mode, pdl, loop), shared)
     rows = warps // ksplit * rpw
+    tiles = (n + rows - 1) // rows
     args = [_ptr(x), _ptr(weight), _ptr(scales if scales is not None else x), _ptr(nw),
             _ptr(residual if residual is not None else x), _ptr(out), i32(n), ctypes.c_double(eps), *tail]
-    launch(fn, (n + rows - 1) // rows, warps * 32, shared, args, pdl)
+    # a looping kernel: as many blocks as are resident at once (its launch bounds: 512 threads an SM)
+    grid = min(tiles, _multiprocessors(index) * (512 // (warps * 32))) if loop else tiles
+    launch(fn, grid, warps * 32, shared, args, pdl)
     return out
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
