@@ -42,17 +42,18 @@ PRODUCTS = [(3072, 2048, NORM_ROPE), (2048, 2048, nvrtc.RES), (16384, 2048, nvrt
             (2304, 2304, nvrtc.RES), (7168, 5120, NORM_ROPE), (10240, 8192, NORM_ROPE)]
 
 
-def _decode_kernels() -> list[str]:
+def _decode_kernels(pdl: tuple[bool, ...] = (False, True)) -> list[str]:
+    """Every kernel decode picks for PRODUCTS (with and without the looping blocks)."""
     names = set()
     for fmt in (nvrtc.DENSE, nvrtc.Q4_0, nvrtc.Q8_0):
         for n, k, mode in PRODUCTS:
-            cfg = nvrtc.pick(fmt, k, n, rope=bool(mode & nvrtc.ROPE))
-            if cfg is None:
-                continue
-            warps, rpw, ksplit = cfg
-            for dt in (0, 1):
-                for pdl in (False, True):
-                    names.add(nvrtc.kernel_name(fmt, dt, k, warps, rpw, ksplit, mode, pdl))
+            for loop in (True, False):
+                cfg = nvrtc.pick(fmt, k, n, rope=bool(mode & nvrtc.ROPE), loop=loop)
+                if cfg is None:
+                    continue
+                for dt in (0, 1):
+                    for p in pdl:
+                        names.add(nvrtc.kernel_name(fmt, dt, k, *cfg[:3], mode, p, *cfg[3:]))
     return sorted(names)
 
 
@@ -62,6 +63,7 @@ def test_every_decode_kernel_compiles_without_spills():
     lib = ctypes.CDLL(str(LIB))
     names = _decode_kernels()
     assert any(n.startswith("qgemv_row<2") for n in names) and not any(n.startswith("qgemv_row<1") for n in names)
+    assert any(n.endswith(", 1, 1>") for n in names)  # looping blocks
     cubin, lowered, log = nvrtc.compile_cubin(nvrtc.SOURCE, names, "90", lib, options=("--ptxas-options=-v",))
     assert cubin[:4] == b"\x7fELF" and set(lowered) == set(names)
     spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]
@@ -80,22 +82,25 @@ def test_a_broken_source_reports_the_compiler_log():
 def test_chosen_configurations_fit(fmt, k, n, rope):
     """Whatever the shape, the configuration decode would launch divides K among a row's warps
     (256 columns a slice), pairs rows for RoPE, and keeps a lane's quantized loads within 8 x 16
-    bytes; dense products always have one, Q8_0 never (Triton runs it)."""
+    bytes (both sets a looping block holds); dense products always have one, Q8_0 never (Triton
+    runs it), nor a Q4_0 vocabulary head unless configured."""
     cfg = nvrtc.pick(fmt, k, n, rope)
     if fmt == nvrtc.DENSE:
         assert cfg is not None
-    if fmt == nvrtc.Q8_0 or (fmt == nvrtc.Q4_0 and n >= nvrtc.VOCAB_ROWS):
+    if fmt == nvrtc.Q8_0 or (fmt == nvrtc.Q4_0 and n >= nvrtc.VOCAB_ROWS and (fmt, k, n) not in nvrtc.CONFIGS):
         assert cfg is None
     if cfg is not None:
-        warps, rpw, ksplit = cfg
+        warps, rpw, ksplit = cfg[:3]
+        loop = len(cfg) > 3 and cfg[3]
         assert warps % ksplit == 0 and k % (256 * ksplit) == 0 and rpw >= 1
         assert not rope or rpw % 2 == 0
-        assert fmt == nvrtc.DENSE or nvrtc.lane_loads(fmt, k, rpw, ksplit) <= 8
+        assert not loop or (fmt != nvrtc.DENSE and ksplit == 1 and not rope)
+        assert fmt == nvrtc.DENSE or (2 if loop else 1) * nvrtc.lane_loads(fmt, k, rpw, ksplit) <= 8
 
 
 @needs_nvrtc
 def test_without_pdl_they_compile_for_ampere():
     """sm_80 has no griddepcontrol: the kernels decode picks there (pdl_supported is False) compile."""
-    names = [n for n in _decode_kernels() if n.endswith(", 0>")]
+    names = _decode_kernels(pdl=(False,))
     _, lowered, _ = nvrtc.compile_cubin(nvrtc.SOURCE, names, "80", ctypes.CDLL(str(LIB)))
     assert set(lowered) == set(names)

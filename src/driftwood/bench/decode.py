@@ -206,6 +206,9 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "~1.5 us and their boundaries), Q4_0 ~0.57-0.59 ms, BF16 ~1.01, Q8_0 ~0.77; batch 64 ~-30 us a step. "
                "And a one-row step's token and position written by two stream memory operations instead of a host "
                "tensor and its copy (graphs-copied-inputs): ~-5-10 us a synchronized token, the streamed unchanged. "
+               "Then Q4_0's one-row gate|up and head with blocks that loop over tiles, x staged once a block and the "
+               "next tile's weights in flight (graphs-before-loop; per product 10.4 against 11.4 us and 63.0 against "
+               "Triton's 64.9 in scripts/gpu/cuda_gemv_sweep.py): Q4_0 batch 1 ~-18 us a token. "
                "Thirteenth pass: Q4_0 and Q8_0 products of 5-64 rows through int8 mma.sync "
                "kernels in CUDA C++ (driftwood.model.cuda.mma: x quantized per group into the A fragments' order by "
                "its own kernel with RMSNorm or SiLU-up inside, the weights' B fragments taken from one word a lane, "
@@ -265,6 +268,9 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
+    "graphs-before-loop": ({}, {"cuda_loop": False}, "fourteenth pass: Q4_0's one-row gate|up without looping "
+                           "blocks (8 warps x 4 rows, two waves) and the head on Triton, for comparison with graphs "
+                           "in the same run"),
     "graphs-copied-inputs": ({}, {"write_values": False}, "fourteenth pass: a one-row step's token and position "
                              "copied from a host tensor (the thirteenth pass's GraphDecoder) instead of written by "
                              "two cuStreamWriteValue64 operations, for comparison with graphs in the same run"),

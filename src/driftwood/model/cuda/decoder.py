@@ -121,12 +121,15 @@ class TritonOps(TorchOps):
     torch's gather and dequantizing ops take 3 kernels for BF16 and 11 for Q4_0).
     ``adaptive_attention``: attention in one kernel that runs only the splits holding keys, a
     single one writing the output itself (False: every split, then the combine kernel).
+    ``cuda_loop``: the one-row products configured with blocks that loop over tiles where they
+    measured faster (Q4_0's gate|up and head; False:
+    :data:`~driftwood.model.cuda.nvrtc.CONFIGS_BEFORE_LOOP`, the head on Triton).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
                  pdl: bool = False, fuse_combine: bool = False, cuda_gemv: bool = True,
                  cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True, mma: bool = True,
-                 cuda_embed: bool = True, adaptive_attention: bool = True) -> None:
+                 cuda_embed: bool = True, adaptive_attention: bool = True, cuda_loop: bool = True) -> None:
         from driftwood.model.cuda import kernels, nvrtc
 
         self.k, self.nvrtc = kernels, nvrtc
@@ -140,6 +143,7 @@ class TritonOps(TorchOps):
         self.mma = mma
         self.cuda_embed = cuda_embed
         self.adaptive_attention = adaptive_attention
+        self.cuda_loop = cuda_loop
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales, configuration) when the gemv kernel runs this product, else None."""
@@ -162,7 +166,11 @@ class TritonOps(TorchOps):
             kw = dict(weight=layer.codes, fmt=nv.Q4_0 if layer.fmt == "q4_0" else nv.Q8_0, scales=layer.scales)
         else:
             return None
-        return kw if nv.supports(x, kw["weight"], glu, kw["fmt"], rope) else None
+        if not nv.supports(x, kw["weight"], glu, kw["fmt"], rope, loop=self.cuda_loop):
+            return None
+        kw["config"] = nv.pick(kw["fmt"], nv.in_features(kw["fmt"], kw["weight"]), kw["weight"].shape[0], rope,
+                               loop=self.cuda_loop)
+        return kw
 
     def embed(self, embedding, tokens):
         nv, name = self.nvrtc, embedding.qtype.name

@@ -411,13 +411,18 @@ CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (DENSE, 2048, 128256): (8, 2, 2),  # head 172.6 us
     (Q4_0, 2048, 3072): (8, 2, 1),  # qkv 4.6 us (Triton 6.7)
     (Q4_0, 2048, 2048): (16, 1, 1),  # o 2.6 (3.6)
-    (Q4_0, 2048, 16384): (8, 4, 1),  # gate_up 11.7 (11.4: kept for the PDL chain into down)
+    (Q4_0, 2048, 16384): (8, 2, 1, 1),  # gate_up 10.4 (blocks looping over tiles; 11.4 before, Triton 12.1)
     (Q4_0, 8192, 2048): (16, 1, 1),  # down 8.3 (10.0)
+    (Q4_0, 2048, 128256): (16, 1, 1, 1),  # head 63.0 (looping; Triton 64.9)
 }
+# before the looping blocks (fourteenth pass, 2026-11-23: scripts/gpu/cuda_gemv_sweep.py --formats q4_0),
+# for comparison (TritonOps(cuda_loop=False))
+CONFIGS_BEFORE_LOOP = {**{k: v for k, v in CONFIGS.items() if len(v) == 3}, (Q4_0, 2048, 16384): (8, 4, 1)}
 BY_K = {(DENSE, 8192): (16, 1, 1)}
 DEFAULT_CONFIG = (8, 2, 1)
-# Quantized products the Triton kernels run faster: Q4_0's vocabulary head (77 us against 68: rows >=
-# VOCAB_ROWS, as kernels.shape_class calls a matrix "vocab"), and every Q8_0 product: alone with PDL
+# Quantized products the Triton kernels run faster unless configured above: Q4_0's vocabulary head
+# (77 us against 68 without looping blocks: rows >= VOCAB_ROWS, as kernels.shape_class calls a matrix
+# "vocab"), and every Q8_0 product: alone with PDL
 # its qkv and o were faster (5.6 against 6.3 us, 3.6 against 5.4), gate_up and the head even and down
 # slower (13.9 against 10.1), but in the step, where the kernel before qkv and o does not let them
 # start early, Q8_0 decode took 0.870 ms/token against 0.823 (experiment-decode-cuda-2026-11-22-cuda-quant.json)
@@ -430,10 +435,10 @@ def lane_loads(fmt: int, k: int, rpw: int, ksplit: int) -> int:
     return rpw * -(-groups // 32) * (2 if fmt == Q8_0 else 1)
 
 
-def pick(fmt: int, k: int, n: int, rope: bool = False) -> tuple[int, int, int] | None:
+def pick(fmt: int, k: int, n: int, rope: bool = False, loop: bool = True) -> tuple[int, ...] | None:
     """The launch configuration for an (n, k) matrix (``rope``: the QKV product with RoPE), None
-    where the Triton kernel should run it."""
-    cfg = CONFIGS.get((fmt, k, n)) or BY_K.get((fmt, k))
+    where the Triton kernel should run it (``loop=False``: :data:`CONFIGS_BEFORE_LOOP`)."""
+    cfg = (CONFIGS if loop else CONFIGS_BEFORE_LOOP).get((fmt, k, n)) or BY_K.get((fmt, k))
     if cfg is None:
         if fmt == Q8_0 or (fmt == Q4_0 and n >= VOCAB_ROWS):
             return None
@@ -568,15 +573,17 @@ def in_features(fmt: int, weight: torch.Tensor) -> int:
     return weight.shape[1] * {DENSE: 1, Q8_0: 4, Q4_0: 8}[fmt]
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int = DENSE, rope: bool = False) -> bool:
+def supports(x: torch.Tensor, weight: torch.Tensor, glu: bool = False, fmt: int = DENSE, rope: bool = False,
+             loop: bool = True) -> bool:
     """Whether :func:`gemv_row` runs this product: one row of bfloat16/float16 x; dense weights
-    of x's dtype, or Q4_0/Q8_0 codes (int32); K a multiple of 256; 16-byte aligned rows."""
+    of x's dtype, or Q4_0/Q8_0 codes (int32); K a multiple of 256; 16-byte aligned rows; a
+    configuration by :func:`pick` (``loop`` as there)."""
     k = in_features(fmt, weight)
     wdtype = x.dtype if fmt == DENSE else torch.int32
     return (x.is_cuda and x.shape[0] == 1 and x.dtype in DTYPES and weight.dtype == wdtype
             and k % 256 == 0 and x.shape[1] == (2 * k if glu else k) and x.stride(1) == 1
             and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and pick(fmt, k, weight.shape[0], rope) is not None and available(x.device.index or 0))
+            and pick(fmt, k, weight.shape[0], rope, loop) is not None and available(x.device.index or 0))
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
@@ -614,7 +621,7 @@ def gemv_row(x: torch.Tensor, weight: torch.Tensor, *, fmt: int = DENSE, scales:
              residual: torch.Tensor | None = None, glu: bool = False,
              out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
              norm: tuple[torch.Tensor, float] | None = None, rope: tuple | None = None,
-             config: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
+             config: tuple[int, ...] | None = None, pdl: bool = False) -> torch.Tensor:
     """x (1, K) (or (1, 2K) with ``glu``) -> (1, N) = x' @ W.T (+ residual), as
     :func:`~driftwood.model.cuda.kernels.gemv` defines it for one row (where :func:`supports`):
     W dense, or Q4_0/Q8_0 ``fmt`` codes with their ``scales`` (BlockLinear's layout).
