@@ -132,7 +132,7 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     q1 = K.rope_store(qkv, pos, inv, kc[:B], vc[:B], H, Hkv, D)
     q2 = TorchOps().rope_store(qkv, pos, inv, kc2[:B], vc2[:B], H, Hkv, D)
     errs["rope q"], errs["rope k"] = rel(q1, q2), rel(kc, kc2)
-    assert torch.equal(vc, vc2)
+    assert torch.equal(vc, vc2), "rope_store changed the values"
     split = K.attention(q1, kc[:B], vc[:B], pos)
     errs["attention"] = rel(split, TorchOps().attention(q1, kc[:B], vc[:B], pos))
     for cfg in [(16, 1), (128, 8)]:
@@ -140,14 +140,15 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     # combined by each head's last split program instead: the same arithmetic, and the counters
     # are left at zero for the next call
     for _ in range(2):
-        assert torch.equal(K.attention(q1, kc[:B], vc[:B], pos, combine=True), split)
+        assert torch.equal(K.attention(q1, kc[:B], vc[:B], pos, combine=True), split), "combine=True"
     # only the splits holding keys (one split writes the output itself): the same bits, at the
     # splits' edges too (192 keys a split here: lengths 192 and 193, one split and two)
     counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
     for p in (pos, torch.tensor([191, 192, 599], device=device)):
         two = K.attention(q1, kc[:B], vc[:B], p)
         for _ in range(2):
-            assert torch.equal(K.attention(q1, kc[:B], vc[:B], p, adaptive=True, counters=counters), two)
+            got = K.attention(q1, kc[:B], vc[:B], p, adaptive=True, counters=counters)
+            assert torch.equal(got, two), f"adaptive at {p.tolist()}: {(got.float() - two.float()).abs().amax(-1)}"
             assert not counters.any(), "the counters are left at zero"
     assert K.attention_splits(cap) == (4, 192)
     # RMSNorm, the QKV product, RoPE and the cache write in one kernel, against float32 torch
