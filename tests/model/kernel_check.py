@@ -137,19 +137,26 @@ def main(device: str = "cpu", tol: float = 1e-2, seed: int | None = None) -> dic
     errs["attention"] = rel(split, TorchOps().attention(q1, kc[:B], vc[:B], pos))
     for cfg in [(16, 1), (128, 8)]:
         errs[f"attention {cfg}"] = rel(K.attention(q1, kc[:B], vc[:B], pos, config=cfg), split)
-    # combined by each head's last split program instead: the same arithmetic, and the counters
-    # are left at zero for the next call
-    for _ in range(2):
-        assert torch.equal(K.attention(q1, kc[:B], vc[:B], pos, combine=True), split), "combine=True"
-    # only the splits holding keys (one split writes the output itself): the same bits, at the
-    # splits' edges too (192 keys a split here: lengths 192 and 193, one split and two)
+    # The splits combined in the split kernel (combine=True; adaptive, which runs only the splits
+    # that hold keys and lets a single one write the output): the same arithmetic, bit for bit where
+    # a row has one or two splits; with more the sum over splits may round in another order (on the
+    # H100 4 of 300 random cases differed, by one bfloat16 rounding). The counters end at zero.
     counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
+    splits = (pos + 1 + 191) // 192  # 192 keys a split here (asserted below)
     for p in (pos, torch.tensor([191, 192, 599], device=device)):
         two = K.attention(q1, kc[:B], vc[:B], p)
+        n_splits = (p + 1 + 191) // 192
         for _ in range(2):
-            got = K.attention(q1, kc[:B], vc[:B], p, adaptive=True, counters=counters)
-            assert torch.equal(got, two), f"adaptive at {p.tolist()}: {(got.float() - two.float()).abs().amax(-1)}"
-            assert not counters.any(), "the counters are left at zero"
+            for got in (K.attention(q1, kc[:B], vc[:B], p, combine=True),
+                        K.attention(q1, kc[:B], vc[:B], p, adaptive=True, counters=counters)):
+                assert not counters.any(), "the counters are left at zero"
+                for b in range(B):
+                    diff = (got[b].float() - two[b].float()).abs()
+                    if n_splits[b] <= 2:
+                        assert torch.equal(got[b], two[b]), f"row {b} at {int(p[b])}: {float(diff.max())}"
+                    else:
+                        assert bool((diff <= two[b].float().abs() * 2**-7 + 1e-6).all()), f"row {b}: {float(diff.max())}"
+    assert int(splits.max()) == 3
     assert K.attention_splits(cap) == (4, 192)
     # RMSNorm, the QKV product, RoPE and the cache write in one kernel, against float32 torch
     Nq, Kq = (H + 2 * Hkv) * D, 256

@@ -153,8 +153,9 @@ def test_pdl_graph_matches_the_plain_eager_step(tiny_gguf, dtype):
 @needs_triton
 def test_adaptive_attention_matches_every_split_then_the_combine(tiny_gguf):
     """Attention that runs only the splits holding keys (one writes the output, more are
-    combined by the last to finish): the same bits as every split then the combine kernel, for
-    rows in one split, at a split's edge and in several, replayed (the counters reset)."""
+    combined by the last to finish): the same bits as every split then the combine kernel for
+    rows in one split and at a split's edge (two), replayed (the counters reset); a row over
+    three splits sums them in another order (kernel_check), so its logits are only close."""
     m = load_model(str(tiny_gguf("q4_0", TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
     from driftwood.model.cuda.kernels import attention_splits
 
@@ -176,7 +177,8 @@ def test_adaptive_attention_matches_every_split_then_the_combine(tiny_gguf):
             runs.setdefault(adaptive, []).append(dec(tokens, pos).clone())
         assert not dec.step.counters.any()
     for got in runs[True]:
-        torch.testing.assert_close(got, runs[False][0], rtol=0, atol=0)
+        torch.testing.assert_close(got[:3], runs[False][0][:3], rtol=0, atol=0)
+        assert float((got[3] - runs[False][0][3]).norm() / runs[False][0][3].norm()) < 1e-2
 
 
 @needs_cuda
