@@ -106,7 +106,8 @@ def main() -> int:
         out["decode_sync_copied"] = round(statistics.median(pair[False]), 2)
         out["out_clone_call"] = median_us(lambda: logits.clone(), sync_after=False)
         out["empty_copy_call"] = median_us(lambda: torch.empty_like(logits[0]).copy_(logits[0]), sync_after=False)
-    row = {"model": path, "device": torch.cuda.get_device_name(), "us": out, "repetitions": N}
+    row = {"command": " ".join(["python3", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "model": path, "device": torch.cuda.get_device_name(), "us": out, "repetitions": N}
     print(json.dumps(row, indent=1))
     if len(sys.argv) > 2:
         with open(sys.argv[2], "w") as f:

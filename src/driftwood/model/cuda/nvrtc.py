@@ -10,12 +10,14 @@ functions and roundings as :func:`~driftwood.model.cuda.kernels.gemv` (x stays f
 activations). Each block stages x once in shared memory (normalised, in float32, in the order
 the lanes read it: conflict-free 16-byte reads) while its first weights are already on the way;
 dense rows stream 16 bytes a lane a load with the next 4 KB piece of a warp in flight, quantized
-rows are requested whole. Launched with programmatic dependent launch, a product's first
-weights are requested before it waits for the previous kernel.
+rows are requested whole (or, with a configuration's fourth element 1, blocks loop over tiles
+of rows with the next tile in flight). Launched with programmatic dependent launch, a product's
+first weights are requested before it waits for the previous kernel.
 
 :func:`pick` holds the measured policy: per-shape configurations from
-scripts/gpu/cuda_gemv_sweep.py, and the quantized products the Triton kernels run faster (Q8_0,
-the Q4_0 head) left to them (docs/gpu.md, twelfth pass).
+scripts/gpu/cuda_gemv_sweep.py, and the quantized products the Triton kernels run faster (Q8_0;
+a Q4_0 vocabulary head without a configuration) left to them (docs/gpu.md, twelfth and
+fourteenth passes).
 """
 
 from __future__ import annotations
