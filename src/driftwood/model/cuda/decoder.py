@@ -239,7 +239,7 @@ class DecodeStep:
         c = transformer.config
         self.dims = (c.n_heads, c.n_kv_heads, c.head_dim)
         self.counters: torch.Tensor | None = None
-        self._replaced: list[torch.Tensor | None] = []
+        self._replaced: list[torch.Tensor] = []
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, ops = self.t, self.ops
@@ -247,7 +247,8 @@ class DecodeStep:
         if self.counters is None or self.counters.numel() < k.shape[1] * self.dims[1]:
             # one for each of the cache's rows and KV heads; a captured graph holds the address,
             # so one replaced (a larger cache) is kept
-            self._replaced.append(self.counters)
+            if self.counters is not None:
+                self._replaced.append(self.counters)
             self.counters = torch.zeros(k.shape[1] * self.dims[1], dtype=torch.int32, device=tokens.device)
         x = ops.embed(t.embed, tokens)  # (B, dim)
         for i, layer in enumerate(t.layers):
