@@ -52,6 +52,9 @@ MMA = [("mma", wn, nt, pdl, ms) for wn, nt in ((2, 1), (4, 1), (4, 2), (8, 2)) f
        for ms in (1, 2, 4)]
 if os.environ.get("MMA_ROWS_A_BLOCK"):  # e.g. 1,4
     MMA = [c for c in MMA if str(c[4]) in os.environ["MMA_ROWS_A_BLOCK"].split(",")]
+if os.environ.get("MMA_SPLITS"):  # e.g. 2,4,8: the groups split among blocks (a sixth element)
+    MMA += [("mma", wn, nt, True, ms, int(ks)) for wn, nt in ((2, 1), (4, 1), (4, 2), (8, 2)) for ms in (2, 4)
+            for ks in os.environ["MMA_SPLITS"].split(",")]
 
 
 def candidates(fmt: int, m: int, n: int, k: int) -> list[tuple]:
@@ -148,7 +151,8 @@ def totals(rows: list[dict]) -> list[dict]:
 
 def main() -> int:
     t0 = time.time()
-    env = {k: os.environ[k] for k in ("ROWS", "FORMATS", "SHAPES", "I8_SPLITS", "MMA") if os.environ.get(k)}
+    env = {k: os.environ[k] for k in ("ROWS", "FORMATS", "SHAPES", "I8_SPLITS", "MMA", "MMA_SPLITS", "MMA_ROWS_A_BLOCK")
+           if os.environ.get(k)}
     result = {"environment": {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                               "command": " ".join([*(f"{k}={v}" for k, v in env.items()), "python scripts/gpu/int8_sweep.py",

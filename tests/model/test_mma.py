@@ -47,10 +47,14 @@ CASES = [(rows, mode) for rows in (1, 5, 8, 16, 17, 40, 64) for mode in ("plain"
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("rows,mode", CASES)
 @pytest.mark.parametrize("config,pdl", [((2, 1), True), ((4, 2), False), ((8, 2), True), ((1, 4), True),
-                                        ((2, 1, 1), True), ((4, 2, 2), False)])
+                                        ((2, 1, 1), True), ((4, 2, 2), False),
+                                        ((2, 1, 4, 2), True), ((4, 1, 2, 4), False), ((4, 2, 4, 8), True)])
 def test_gemm_matches_the_int8_reference(fmt, rows, mode, config, pdl):
+    """(Configurations with a fourth element: the groups split among blocks, then summed.)"""
     f = FORMATS[fmt]
     n, k = (136, 8192) if mode == "glu" else (1000, 2048) if rows % 2 else (264, 512)
+    if len(config) > 3 and (k // 32) % (16 * config[3]):
+        pytest.skip("each split takes a multiple of 16 groups")
     g = torch.Generator(device="cuda").manual_seed(rows * 1000 + n)
     _, (_, codes, scales), w = matrix(n, k, f, g)
     x = torch.randn(rows, 2 * k if mode == "glu" else k, device="cuda", generator=g).bfloat16()
@@ -75,7 +79,8 @@ def test_gemm_matches_the_int8_reference(fmt, rows, mode, config, pdl):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_gemm_in_a_graph_replays_new_inputs(fmt):
+@pytest.mark.parametrize("config", [(4, 2), (2, 1, 4, 4), (2, 1, 4, 3)])  # 3 splits: 64 groups take 2
+def test_gemm_in_a_graph_replays_new_inputs(fmt, config):
     f = FORMATS[fmt]
     g = torch.Generator(device="cuda").manual_seed(7)
     _, (_, codes, scales), w = matrix(2048, 2048, f, g)
@@ -84,11 +89,11 @@ def test_gemm_in_a_graph_replays_new_inputs(fmt):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        mma.gemm(x, f, codes, scales, config=(4, 2), norm=(nw, 1e-5))
+        mma.gemm(x, f, codes, scales, config=config, norm=(nw, 1e-5))
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = mma.gemm(x, f, codes, scales, config=(4, 2), norm=(nw, 1e-5))
+        y = mma.gemm(x, f, codes, scales, config=config, norm=(nw, 1e-5))
     for seed in (1, 2):
         x.copy_(torch.randn(64, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
         graph.replay()

@@ -150,18 +150,22 @@ __device__ __forceinline__ void load_words(Words<FMT>* wb, V4 (*sb)[2], const u3
 // MT of x's MTT 16-row tiles (quantize_frag) against WN * NT * 8 rows of Q4_0 (FMT 2) / Q8_0 (FMT 1) codes a
 // block (block b: tiles MT * (b % (MTT / MT)) ..., rows from b / (MTT / MT)); G groups (a multiple of 16), the
 // rows' codes G * 4 (Q4_0) or G * 8 (Q8_0) words each. Blocks that share rows run side by side (L2 serves the
-// repeats).
+// repeats). KS > 1: the groups split into KS equal runs (each a multiple of 16), the grid KS times as many
+// blocks, run ks's float32 sums written at out + ks * M * ldo for split_sum (MODE then 16, float32 out).
 template <int FMT, int DT, int MT, int NT, int WN, int MODE, int PDL>
 __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, const float* __restrict__ xs,
     const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* res, void* out, int M, int N, int G,
-    int ldr, int ldo, int MTT) {
+    int ldr, int ldo, int MTT, int KS) {
   constexpr int WPG = FMT == 2 ? 4 : 8;        // words a group a row
   constexpr int AV = 8 * MT * 32;              // x's fragments of 8 groups, 16-byte units
   constexpr int SV = 8 * 8 * 2 * 4 / 4;        // x's scales of 8 groups (up to 4 tiles), 16-byte units
   __shared__ V4 sa[2][AV + SV];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tid = lane & 3;
-  const int MB = MTT / MT, mb = blockIdx.x % MB, sv = 32 * MTT;
-  const int nb = (blockIdx.x / MB * WN + warp) * NT * 8;
+  const int blocks = gridDim.x / KS, ks = blockIdx.x / blocks, bx = blockIdx.x % blocks;
+  const int g_begin = ks * (G / KS), g_end = g_begin + G / KS;
+  if (KS > 1) out = reinterpret_cast<float*>(out) + (size_t)ks * M * ldo;
+  const int MB = MTT / MT, mb = bx % MB, sv = 32 * MTT;
+  const int nb = (bx / MB * WN + warp) * NT * 8;
   const u32* wp[NT];
   const u16* sp[NT][2];
 #pragma unroll
@@ -173,7 +177,7 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
   }
   Words<FMT> wa[NT], wb[NT];
   V4 sca[NT][2], scb[NT][2];
-  load_words<FMT, NT>(wa, sca, wp, sp, 0);  // the weights need nothing from the previous kernel
+  load_words<FMT, NT>(wa, sca, wp, sp, g_begin);  // the weights need nothing from the previous kernel
   if constexpr (PDL != 0) pdl_start();
 
   auto stage = [&](int buf, int g0) {  // x's fragments and scales of groups g0 .. g0 + 7 into sa[buf]
@@ -230,15 +234,15 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
     }
   };
 
-  stage(0, 0);
-  for (int g0 = 0; g0 < G; g0 += 16) {  // two 8-group chunks an iteration: buffers a, then b
+  stage(0, g_begin);
+  for (int g0 = g_begin; g0 < g_end; g0 += 16) {  // two 8-group chunks an iteration: buffers a, then b
     stage(1, g0 + 8);
     load_words<FMT, NT>(wb, scb, wp, sp, g0 + 8);
     cp_wait<1>();
     __syncthreads();
     compute(0, wa, sca);
     __syncthreads();  // everyone is done with sa[0]
-    const bool more = g0 + 16 < G;
+    const bool more = g0 + 16 < g_end;
     if (more) {
       stage(0, g0 + 16);
       load_words<FMT, NT>(wa, sca, wp, sp, g0 + 16);
@@ -278,6 +282,29 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
     }
   }
 }
+
+// out (M, N) = the KS float32 runs of qgemm_mma (KS, M, N) summed in order (+ the residual), two columns a thread.
+template <int DT, int MODE, int PDL>
+__global__ void __launch_bounds__(256) split_sum(const float* __restrict__ ws, int KS, const u16* res, void* out,
+    int M, int N, int ldr, int ldo) {
+  constexpr bool RES = MODE & 4, OUT_F32 = MODE & 16;
+  if constexpr (PDL != 0) pdl_start();
+  const int i = blockIdx.x * 256 + threadIdx.x, half = N / 2, m = i / half, n = 2 * (i % half);
+  if (m >= M) return;
+  float y0 = 0.f, y1 = 0.f;
+  for (int s = 0; s < KS; ++s) {
+    const float2 v = *reinterpret_cast<const float2*>(ws + ((size_t)s * M + m) * N + n);
+    y0 += v.x;
+    y1 += v.y;
+  }
+  if (RES) {
+    const u32 r = *reinterpret_cast<const u32*>(res + (size_t)m * ldr + n);
+    y0 += to_f<DT>((u16)(r & 0xffffu));
+    y1 += to_f<DT>((u16)(r >> 16));
+  }
+  if (OUT_F32) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (size_t)m * ldo + n) = make_float2(y0, y1);
+  else *reinterpret_cast<u32*>(reinterpret_cast<u16*>(out) + (size_t)m * ldo + n) = (u32)from_f<DT>(y0) | ((u32)from_f<DT>(y1) << 16);
+}
 """
 
 NORM, GLU, RES, OUT_F32 = nvrtc.NORM, nvrtc.GLU, nvrtc.RES, nvrtc.OUT_F32
@@ -308,12 +335,14 @@ def tiles(rows: int, tiles_a_block: int = 4) -> tuple[int, int]:
 
 
 def kernel_names(fmt: int, dt: int, rows: int, mode: int, wn: int, nt: int, pdl: bool,
-                 tiles_a_block: int = 4) -> tuple[str, str]:
-    """(the quantizer, the product) for ``rows`` rows of x (``mode``: NORM / GLU for the first,
-    RES / OUT_F32 for the second)."""
+                 tiles_a_block: int = 4, ksplit: int = 1) -> tuple[str, ...]:
+    """(the quantizer, the product[, the split sum]) for ``rows`` rows of x (``mode``: NORM / GLU
+    for the first, RES / OUT_F32 for the last; ``ksplit`` > 1: the product writes float32 runs)."""
     mtt, mt = tiles(rows, tiles_a_block)
-    return (f"quantize_frag<{fmt}, {dt}, {mode & (NORM | GLU)}, {mtt}, {int(pdl)}>",
-            f"qgemm_mma<{fmt}, {dt}, {mt}, {nt}, {wn}, {mode & (RES | OUT_F32)}, {int(pdl)}>")
+    out_mode = mode & (RES | OUT_F32)
+    names = (f"quantize_frag<{fmt}, {dt}, {mode & (NORM | GLU)}, {mtt}, {int(pdl)}>",
+             f"qgemm_mma<{fmt}, {dt}, {mt}, {nt}, {wn}, {out_mode if ksplit == 1 else OUT_F32}, {int(pdl)}>")
+    return names if ksplit == 1 else (*names, f"split_sum<{dt}, {out_mode}, {int(pdl)}>")
 
 
 def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *, config: tuple[int, ...],
@@ -321,15 +350,21 @@ def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *
          out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pdl: bool = True) -> torch.Tensor:
     """x (M, K) (or (M, 2K) with ``glu``; through RMSNorm with ``norm``) -> (M, N) = x' @ W.T
     (+ residual (M, N)), x' rounded to int8 per group; where :func:`supports`. ``config``: (WN
-    warps a block, NT 8-row tiles a warp[, 16-row tiles of x a block, default all]). ``out`` may be
-    ``residual`` itself. ``pdl``: both
+    warps a block, NT 8-row tiles a warp[, 16-row tiles of x a block, default all[, KS: the groups
+    split among KS times as many blocks (fewer where they do not divide into runs of 16), their
+    float32 sums added by a third kernel]]). ``out`` may be
+    ``residual`` itself. ``pdl``: the
     kernels launched with programmatic dependent launch (the product's first weights requested
     while the quantizer runs)."""
     M, N = x.shape[0], codes.shape[0]
     K = codes.shape[1] * WORDS[fmt]
     G = K // 32
     wn, nt, *rest = config
-    mtt, mt = tiles(M, *rest)
+    tiles_a_block = rest[0] if rest else 4
+    ksplit = rest[1] if len(rest) > 1 else 1
+    mtt, mt = tiles(M, tiles_a_block)
+    while G % (16 * ksplit):  # each split takes a multiple of 16 groups (G is one: K % 512 == 0)
+        ksplit -= 1
     dev = x.device.index or 0
     pdl = pdl and nvrtc.pdl_supported(dev)
     assert scales.dtype == torch.float16 and scales.shape == (N, G) and scales.is_contiguous()
@@ -345,14 +380,18 @@ def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *
         assert residual.dtype == x.dtype and residual.stride(1) == 1 and residual.stride(0) % 2 == 0
     xq = torch.empty(mtt * 16 * K, dtype=torch.int8, device=x.device)
     xs = torch.empty(G * 16 * mtt, dtype=torch.float32, device=x.device)
-    qname, gname = kernel_names(fmt, nvrtc.DTYPES[x.dtype], M, mode, wn, nt, pdl, mt)
+    qname, gname, *sname = kernel_names(fmt, nvrtc.DTYPES[x.dtype], M, mode, wn, nt, pdl, mt, ksplit)
     nw, eps = norm if norm is not None else (x, 0.0)
     p, i32 = nvrtc.pointer, ctypes.c_int
     nvrtc.launch(nvrtc.kernel(dev, qname, 0, SOURCE), mtt * 16, 128, 0,
                  [p(x), i32(x.stride(0)), p(nw), ctypes.c_double(eps), i32(M), i32(K), p(xq), p(xs)], pdl)
     res = residual if residual is not None else out
     rows = wn * nt * 8
-    nvrtc.launch(nvrtc.kernel(dev, gname, 0, SOURCE), -(-N // rows) * (mtt // mt), wn * 32, 0,
-                 [p(xq), p(xs), p(codes), p(scales), p(res), p(out), i32(M), i32(N), i32(G), i32(res.stride(0)),
-                  i32(out.stride(0)), i32(mtt)], pdl)
+    dst = out if ksplit == 1 else torch.empty(ksplit, M, N, dtype=torch.float32, device=x.device)
+    nvrtc.launch(nvrtc.kernel(dev, gname, 0, SOURCE), -(-N // rows) * (mtt // mt) * ksplit, wn * 32, 0,
+                 [p(xq), p(xs), p(codes), p(scales), p(res), p(dst), i32(M), i32(N), i32(G), i32(res.stride(0)),
+                  i32(dst.stride(-2)), i32(mtt), i32(ksplit)], pdl)
+    if ksplit > 1:
+        nvrtc.launch(nvrtc.kernel(dev, sname[0], 0, SOURCE), -(-(M * N // 2) // 256), 256, 0,
+                     [p(dst), i32(ksplit), p(res), p(out), i32(M), i32(N), i32(res.stride(0)), i32(out.stride(0))], pdl)
     return out
