@@ -107,7 +107,7 @@ def test_kernels_on_cuda():
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 12, 40])  # gemvT / dp4a, gemvT per row, i8 / mm, i8 / mm
+@pytest.mark.parametrize("rows", [1, 3, 6, 12, 20, 40])  # one row, 4, 8, 16, 32 and 64 rows' configurations
 def test_graphs_match_the_eager_fused_step(tiny_gguf, dtype, rows):
     m = load_model(str(tiny_gguf(dtype, TINY_LLAMA3)), device="cuda", dtype="bfloat16", progress=False)
     assert m.graphs and m.weights == "quant"

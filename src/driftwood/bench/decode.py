@@ -208,7 +208,10 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "tensor and its copy (graphs-copied-inputs): ~-5-10 us a synchronized token, the streamed unchanged. "
                "Then Q4_0's one-row gate|up and head with blocks that loop over tiles, x staged once a block and the "
                "next tile's weights in flight (graphs-before-loop; per product 10.4 against 11.4 us and 63.0 against "
-               "Triton's 64.9 in scripts/gpu/cuda_gemv_sweep.py): Q4_0 batch 1 ~-18 us a token. "
+               "Triton's 64.9 in scripts/gpu/cuda_gemv_sweep.py): Q4_0 batch 1 ~-18 us a token. Then qkv, o and down "
+               "at 8, 32 and 64 rows through the mma kernel with the groups split among blocks (graphs-before-splits; "
+               "the sweep's products a step, 16 layers: Q4_0 8 rows 800 -> 509 us, 32: 762 -> 546, 64: 785 -> 752; "
+               "Q8_0 779 -> 480, 804 -> 620, 762 -> 745): batch 8 ~+25% tok/s, batch 32 ~+15%, batch 64 ~+2%. "
                "Thirteenth pass: Q4_0 and Q8_0 products of 5-64 rows through int8 mma.sync "
                "kernels in CUDA C++ (driftwood.model.cuda.mma: x quantized per group into the A fragments' order by "
                "its own kernel with RMSNorm or SiLU-up inside, the weights' B fragments taken from one word a lane, "
@@ -268,6 +271,9 @@ CUDA_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                "per-slot K=16 dots) predicted Q4_0 ~0.62, measured 0.93; Q8_0 ~0.83, measured 1.18; "
                "batch 64 >= 20x, measured 4.3x (Q4_0). 1st pass: Q4_0 ~0.45 ms, BF16 ~1.05 ms, batch 64 "
                "~30x batch 1"),
+    "graphs-before-splits": ({}, {"mma_splits": False}, "fourteenth pass: qkv, o and down at 5-64 rows as before "
+                             "the mma kernel split the groups among blocks (dequantize + cuBLAS, Triton int8 dots, "
+                             "mma without splits), for comparison with graphs in the same run"),
     "graphs-before-loop": ({}, {"cuda_loop": False}, "fourteenth pass: Q4_0's one-row gate|up without looping "
                            "blocks (8 warps x 4 rows, two waves) and the head on Triton, for comparison with graphs "
                            "in the same run"),
@@ -414,7 +420,7 @@ def _cuda_variant(path: str, name: str, args: argparse.Namespace, ids: list[int]
         row["decode_ms_per_token_unsynced"] = round(statistics.median(streamed), 4)
         row["prefill_ms"] = {str(m): round(statistics.median(v), 2) for m, v in prefill.items()}
         s.close()
-        every_batch = name in ("graphs", "graphs-before-mma", "graphs-two-kernel-attention")
+        every_batch = name in ("graphs", "graphs-before-mma", "graphs-two-kernel-attention", "graphs-before-splits")
         if every_batch or (name == "torch-eager" and args.decode_tokens):
             tps: dict[str, float] = {}
             for B in batches if every_batch else batches[:2]:

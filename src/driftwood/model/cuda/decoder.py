@@ -124,12 +124,16 @@ class TritonOps(TorchOps):
     ``cuda_loop``: the one-row products configured with blocks that loop over tiles where they
     measured faster (Q4_0's gate|up and head; False:
     :data:`~driftwood.model.cuda.nvrtc.CONFIGS_BEFORE_LOOP`, the head on Triton).
+    ``mma_splits``: qkv, o and down at 8, 32 and 64 rows through the mma kernel with the groups
+    split among blocks where that measured faster (False:
+    :data:`~driftwood.model.cuda.kernels.CONFIGS_BEFORE_SPLITS`).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,
                  pdl: bool = False, fuse_combine: bool = False, cuda_gemv: bool = True,
                  cuda_quant: bool = True, cuda_pdl: bool = True, pdl_attention: bool = True, mma: bool = True,
-                 cuda_embed: bool = True, adaptive_attention: bool = True, cuda_loop: bool = True) -> None:
+                 cuda_embed: bool = True, adaptive_attention: bool = True, cuda_loop: bool = True,
+                 mma_splits: bool = True) -> None:
         from driftwood.model.cuda import kernels, nvrtc
 
         self.k, self.nvrtc = kernels, nvrtc
@@ -144,13 +148,14 @@ class TritonOps(TorchOps):
         self.cuda_embed = cuda_embed
         self.adaptive_attention = adaptive_attention
         self.cuda_loop = cuda_loop
+        self.mma_splits = mma_splits
 
     def _gemv_args(self, x, layer):
         """(fmt, codes, scales, configuration) when the gemv kernel runs this product, else None."""
         k, m = self.k, x.shape[0]
         if isinstance(layer, BlockLinear) and m <= k.MAX_ROWS:
             fmt = k.Q4_0 if layer.fmt == "q4_0" else k.Q8_0
-            cfg = k.pick_config(fmt, m, layer.out_features, layer.in_features, mma=self.mma)
+            cfg = k.pick_config(fmt, m, layer.out_features, layer.in_features, mma=self.mma, splits=self.mma_splits)
             return fmt, layer.codes, layer.scales, cfg
         if isinstance(layer, DenseLinear) and (self.dense == "triton" or m == 1) and m <= k.MAX_ROWS:
             return k.DENSE, layer.weight, None, None

@@ -609,24 +609,39 @@ CONFIGS: dict[tuple[int, int], tuple | dict[str, tuple]] = {
     # tiles of x a block)) where they measured faster than CONFIGS_BEFORE_MMA's choice by more than 3% (us in a
     # CUDA graph, the quantizing kernel included: before -> now); the small matrices stay on dequantize + cuBLAS
     # (the mma kernel streams a narrow matrix's few weight rows per block too slowly: qkv 18-29 us at 64 rows)
-    (Q4_0, 8): {"vocab": ("mma", 4, 2, True, 1), "wide": ("mma", 4, 1, False, 4), "deep": ("mm", 0),
-                "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},  # head 163 -> 84, gate_up 27.7 -> 18.7
+    (Q4_0, 8): {"vocab": ("mma", 4, 2, True, 1), "wide": ("mma", 4, 1, False, 4), "deep": ("mma", 4, 2, True, 4, 8),
+                "narrow": ("mma", 4, 2, True, 2, 4), "mid": ("mma", 4, 2, True, 2, 4)},  # head 163 -> 84, gate_up 27.7 -> 18.7
     (Q4_0, 16): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 1, False, 4), "deep": ("mm", 0),
                  "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 178 -> 86, gate_up 27.1 -> 18.7
-    (Q4_0, 32): {"vocab": ("mma", 4, 2, False, 2), "wide": ("mma", 4, 2, False, 4), "deep": ("mm", 0),
-                 "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 184 -> 122, gate_up 34.2 -> 22.2
-    (Q4_0, 64): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, False, 4), "deep": ("mm", 0),
-                 "narrow": ("mm", 0), "mid": ("mm", 0)},  # head 253 -> 181, gate_up 43.4 -> 31.8
+    (Q4_0, 32): {"vocab": ("mma", 4, 2, False, 2), "wide": ("mma", 4, 2, False, 4), "deep": ("mma", 8, 2, True, 2, 8),
+                 "narrow": ("mma", 8, 2, True, 4, 8), "mid": ("mma", 8, 2, True, 4, 8)},  # head 184 -> 122, gate_up 34.2 -> 22.2
+    (Q4_0, 64): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, False, 4), "deep": ("mma", 4, 2, True, 2, 8),
+                 "narrow": ("mma", 8, 2, True, 2, 4), "mid": ("mm", 0)},  # head 253 -> 181, gate_up 43.4 -> 31.8
     # Q8_0 8-16 rows: qkv 12.8 -> 11.4, o 10.7 -> 9.8, gate_up 27.1 -> 19.7, head 158 -> 109 (16: 13.0 -> 11.5,
     # 10.8 -> 9.7, 30.0 -> 19.9, 165 -> 112); 32: gate_up 34.1 -> 24.9, head 173 -> 126; 64: gate_up 35.3 -> 32.1
-    (Q8_0, 8): {"vocab": ("mma", 2, 1, True, 4), "wide": ("mma", 2, 1, True, 1), "deep": _Q8_16,
-                "narrow": ("mma", 2, 1, True, 4), "mid": ("mma", 2, 1, True, 4)},
+    (Q8_0, 8): {"vocab": ("mma", 2, 1, True, 4), "wide": ("mma", 2, 1, True, 1), "deep": ("mma", 4, 1, True, 2, 8),
+                "narrow": ("mma", 4, 2, True, 2, 8), "mid": ("mma", 8, 2, True, 2, 8)},
     (Q8_0, 16): {"vocab": ("mma", 2, 1, True, 2), "wide": ("mma", 2, 1, True, 4), "deep": _Q8_16,
                  "narrow": ("mma", 2, 1, True, 1), "mid": ("mma", 2, 1, True, 4)},
-    (Q8_0, 32): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, True, 4), "deep": ("i8", 32, 64, 4, 4, 4),
-                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 32): {"vocab": ("mma", 4, 2, True, 4), "wide": ("mma", 4, 2, True, 4), "deep": ("mma", 4, 2, True, 4, 8),
+                 "narrow": ("mma", 4, 2, True, 2, 8), "mid": ("mma", 4, 2, True, 4, 4)},
     (Q8_0, 64): {"vocab": ("i8", 64, 128, 4, 5, 1), "wide": ("mma", 4, 2, True, 4), "deep": ("i8", 64, 128, 4, 5, 8),
-                 "narrow": ("mm", 0), "mid": ("mm", 0)},
+                 "narrow": ("mm", 0), "mid": ("mma", 4, 2, True, 2, 4)},
+}
+# Fourteenth pass (2026-11-23, MMA=1 MMA_SPLITS=2,4,8 scripts/gpu/int8_sweep.py at 8, 32, 64 rows,
+# experiment-mma-splits-cuda-2026-11-23.json): qkv, o and down through the mma kernel with the groups split among
+# blocks (a sixth element: splits), where more than 3% faster than before (us, before -> now): Q4_0 8 rows qkv
+# 15.5 -> 8.9, o 10.0 -> 6.9, down 24.5 -> 16.0; 32: 11.7 -> 9.7, 10.1 -> 8.4, 25.8 -> 16.0; 64: o 10.4 -> 9.7,
+# down 26.5 -> 25.2 (qkv 12.2 -> 12.1 kept); Q8_0 8: 11.7 -> 8.4, 10.6 -> 7.0, 26.3 -> 14.6; 32: 12.7 -> 10.9,
+# 10.5 -> 9.0, 27.1 -> 18.9; 64: qkv 13.1 -> 12.5 (o, down within 2%: kept). 16 rows not swept. The entries before
+# (TritonOps(mma_splits=False)):
+CONFIGS_BEFORE_SPLITS: dict[tuple[int, int], dict[str, tuple]] = {
+    (Q4_0, 8): {"deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("gemvT", 8, 4)},
+    (Q4_0, 32): {"deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q4_0, 64): {"deep": ("mm", 0), "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 8): {"deep": _Q8_16, "narrow": ("mma", 2, 1, True, 4), "mid": ("mma", 2, 1, True, 4)},
+    (Q8_0, 32): {"deep": ("i8", 32, 64, 4, 4, 4), "narrow": ("mm", 0), "mid": ("mm", 0)},
+    (Q8_0, 64): {"narrow": ("mm", 0), "mid": ("mm", 0)},
 }
 # The 5-64-row entries before the mma kernels (the eighth pass's, scripts/gpu/int8_sweep.py 2026-11-22):
 # int8 tensor-core dots in Triton for the wide matrices (Q4_0 at 64 rows: gate_up ~48 us against 55 for
@@ -663,15 +678,19 @@ def shape_class(n: int, k: int) -> str:
             else "mid")
 
 
-def pick_config(fmt: int, m: int, n: int = 0, k: int = 0, mma: bool = True) -> tuple:
+def pick_config(fmt: int, m: int, n: int = 0, k: int = 0, mma: bool = True, splits: bool = True) -> tuple:
     """The configuration for m rows of x against an (n, k) matrix (``mma=False``: as before the
-    mma kernels, :data:`CONFIGS_BEFORE_MMA`)."""
+    mma kernels, :data:`CONFIGS_BEFORE_MMA`; ``splits=False``: before the mma kernel split the
+    groups among blocks, :data:`CONFIGS_BEFORE_SPLITS`)."""
     table = CONFIGS if mma else {**CONFIGS, **CONFIGS_BEFORE_MMA}
     keys = sorted(r for f, r in table if f == fmt)
-    cfg = table[(fmt, next((r for r in keys if m <= r), keys[-1]))]
+    key = (fmt, next((r for r in keys if m <= r), keys[-1]))
+    cfg = table[key]
     if not isinstance(cfg, dict):
         return cfg
     cls = shape_class(n, k)
+    if mma and not splits and cls in CONFIGS_BEFORE_SPLITS.get(key, {}):
+        return CONFIGS_BEFORE_SPLITS[key][cls]
     return cfg.get(cls) or cfg["wide" if cls == "vocab" else cls]
 
 
