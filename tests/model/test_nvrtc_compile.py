@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from driftwood.model.cuda import nvrtc
+from driftwood.model.cuda import mma, nvrtc, policy
 
 
 def _libnvrtc() -> Path | None:
@@ -104,3 +104,39 @@ def test_without_pdl_they_compile_for_ampere():
     names = _decode_kernels(pdl=(False,))
     _, lowered, _ = nvrtc.compile_cubin(nvrtc.SOURCE, names, "80", ctypes.CDLL(str(LIB)))
     assert set(lowered) == set(names)
+
+
+def _mma_kernels() -> list[str]:
+    """Every mma kernel the policy picks at 5-64 rows for PRODUCTS' shapes (as decode fuses them:
+    RMSNorm into qkv, gate|up and the head, SiLU · up and the residual into down, the residual into
+    o), with and without the split products, both dtypes."""
+    names = set()
+    for fmt in (nvrtc.Q4_0, nvrtc.Q8_0):
+        for rows in (5, 8, 9, 16, 17, 32, 33, 64):
+            for n, k, mode in PRODUCTS:
+                if mode & nvrtc.ROPE:
+                    mode = nvrtc.NORM  # RoPE runs as its own kernel after an mma product
+                for splits in (True, False):
+                    cfg = policy.pick_config(fmt, rows, n, k, splits=splits)
+                    if cfg[0] != "mma" or k % 512:
+                        continue
+                    wn, nt, pdl, *rest = cfg[1:]
+                    tiles_a_block = rest[0] if rest else 4
+                    ksplit = rest[1] if len(rest) > 1 else 1
+                    while (k // 32) % (16 * ksplit):  # as mma.gemm fits it
+                        ksplit -= 1
+                    _, mt = mma.tiles(rows, tiles_a_block)
+                    for dt in (0, 1):
+                        names.update(mma.kernel_names(fmt, dt, rows, mode, wn, nt, pdl, mt, ksplit))
+    return sorted(names)
+
+
+@needs_nvrtc
+def test_every_mma_kernel_the_policy_picks_compiles_without_spills():
+    names = _mma_kernels()
+    assert any(n.startswith("split_sum") for n in names) and any(n.startswith("qgemm_mma<2") for n in names)
+    cubin, lowered, log = nvrtc.compile_cubin(mma.SOURCE, names, "90", ctypes.CDLL(str(LIB)),
+                                              options=("--ptxas-options=-v",))
+    assert cubin[:4] == b"\x7fELF" and set(lowered) == set(names)
+    spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]
+    assert len(spills) == len(names) and max(spills) == 0, log

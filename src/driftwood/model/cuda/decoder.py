@@ -116,7 +116,7 @@ class TritonOps(TorchOps):
     Triton kernel, which measured slower for Q8_0).
     ``mma``: Q4_0/Q8_0 products of 5-64 rows through the int8 ``mma.sync`` kernels of
     :mod:`driftwood.model.cuda.mma` (False: the Triton and cuBLAS choices before them,
-    :data:`~driftwood.model.cuda.kernels.CONFIGS_BEFORE_MMA`). ``cuda_embed``: the token
+    :data:`~driftwood.model.cuda.policy.CONFIGS_BEFORE_MMA`). ``cuda_embed``: the token
     embeddings gathered and dequantized in one CUDA kernel (:func:`~driftwood.model.cuda.nvrtc.embed`;
     torch's gather and dequantizing ops take 3 kernels for BF16 and 11 for Q4_0).
     ``adaptive_attention``: attention in one kernel that runs only the splits holding keys, a
@@ -126,7 +126,7 @@ class TritonOps(TorchOps):
     :data:`~driftwood.model.cuda.nvrtc.CONFIGS_BEFORE_LOOP`, the head on Triton).
     ``mma_splits``: qkv, o and down at 8, 32 and 64 rows through the mma kernel with the groups
     split among blocks where that measured faster (False:
-    :data:`~driftwood.model.cuda.kernels.CONFIGS_BEFORE_SPLITS`).
+    :data:`~driftwood.model.cuda.policy.CONFIGS_BEFORE_SPLITS`).
     """
 
     def __init__(self, dense: str = "cublas", fuse_norm: bool = True, fuse_rope: bool = True,

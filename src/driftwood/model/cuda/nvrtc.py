@@ -423,7 +423,7 @@ CONFIGS_BEFORE_LOOP = {**{k: v for k, v in CONFIGS.items() if len(v) == 3}, (Q4_
 BY_K = {(DENSE, 8192): (16, 1, 1)}
 DEFAULT_CONFIG = (8, 2, 1)
 # Quantized products the Triton kernels run faster unless configured above: Q4_0's vocabulary head
-# (77 us against 68 without looping blocks: rows >= VOCAB_ROWS, as kernels.shape_class calls a matrix
+# (77 us against 68 without looping blocks: rows >= VOCAB_ROWS, as policy.shape_class calls a matrix
 # "vocab"), and every Q8_0 product: alone with PDL
 # its qkv and o were faster (5.6 against 6.3 us, 3.6 against 5.4), gate_up and the head even and down
 # slower (13.9 against 10.1), but in the step, where the kernel before qkv and o does not let them
