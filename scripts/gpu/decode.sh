@@ -54,6 +54,6 @@ esac
 case $STAGES in *bench*)
   timeout ${BENCH_TIMEOUT:-240} python3 -m driftwood.cli.main bench decode --device cuda \
     --model /tmp/llama3.2-1b-bf16.gguf,/tmp/llama3.2-1b-q4_0.gguf,/tmp/llama3.2-1b-q8_0.gguf \
-    --variants ${VARIANTS:-graphs,graphs-triton-gemv,graphs-triton-quant,graphs-no-pdl-attention,fused-eager,torch-eager} --prefill-lengths 24,512,4096 \
+    --variants ${VARIANTS:-graphs,graphs-before-splits,graphs-before-loop,graphs-two-kernel-attention,torch-eager} --prefill-lengths 24,512,4096 \
     --json "$OUT/decode-cuda.json" "$@" 2>&1 | tee "$OUT/bench.txt" ;;
 esac
