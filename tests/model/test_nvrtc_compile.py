@@ -120,12 +120,8 @@ def _mma_kernels() -> list[str]:
                     cfg = policy.pick_config(fmt, rows, n, k, splits=splits)
                     if cfg[0] != "mma" or k % 512:
                         continue
-                    wn, nt, pdl, *rest = cfg[1:]
-                    tiles_a_block = rest[0] if rest else 4
-                    ksplit = rest[1] if len(rest) > 1 else 1
-                    while (k // 32) % (16 * ksplit):  # as mma.gemm fits it
-                        ksplit -= 1
-                    _, mt = mma.tiles(rows, tiles_a_block)
+                    wn, nt, _, mt, ksplit = mma.plan(rows, k, (cfg[1], cfg[2], *cfg[4:]))
+                    pdl = cfg[3]
                     for dt in (0, 1):
                         names.update(mma.kernel_names(fmt, dt, rows, mode, wn, nt, pdl, mt, ksplit))
     return sorted(names)

@@ -147,6 +147,23 @@ __device__ __forceinline__ void load_words(Words<FMT>* wb, V4 (*sb)[2], const u3
   }
 }
 
+// Columns n, n + 1 of row m: y0, y1 (+ the residual's) written to out (MODE bits 4 residual, 16 float32 out).
+template <int DT, int MODE>
+__device__ __forceinline__ void store_pair(float y0, float y1, const u16* res, void* out, int m, int n, int ldr,
+                                           int ldo) {
+  if (MODE & 4) {
+    const u32 r = *reinterpret_cast<const u32*>(res + (size_t)m * ldr + n);
+    y0 += to_f<DT>((u16)(r & 0xffffu));
+    y1 += to_f<DT>((u16)(r >> 16));
+  }
+  if (MODE & 16) {
+    *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (size_t)m * ldo + n) = make_float2(y0, y1);
+  } else {
+    *reinterpret_cast<u32*>(reinterpret_cast<u16*>(out) + (size_t)m * ldo + n) =
+        (u32)from_f<DT>(y0) | ((u32)from_f<DT>(y1) << 16);
+  }
+}
+
 // MT of x's MTT 16-row tiles (quantize_frag) against WN * NT * 8 rows of Q4_0 (FMT 2) / Q8_0 (FMT 1) codes a
 // block (block b: tiles MT * (b % (MTT / MT)) ..., rows from b / (MTT / MT)); G groups (a multiple of 16), the
 // rows' codes G * 4 (Q4_0) or G * 8 (Q8_0) words each. Blocks that share rows run side by side (L2 serves the
@@ -255,7 +272,6 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
     __syncthreads();
   }
 
-  constexpr bool RES = MODE & 4, OUT_F32 = MODE & 16;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -265,19 +281,7 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = (mb * MT + mt) * 16 + gid + 8 * h;
-        if (m >= M) continue;
-        float y0 = acc[mt][j][2 * h], y1 = acc[mt][j][2 * h + 1];
-        if (RES) {
-          const u32 r = *reinterpret_cast<const u32*>(res + (size_t)m * ldr + n);
-          y0 += to_f<DT>((u16)(r & 0xffffu));
-          y1 += to_f<DT>((u16)(r >> 16));
-        }
-        if (OUT_F32) {
-          *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (size_t)m * ldo + n) = make_float2(y0, y1);
-        } else {
-          *reinterpret_cast<u32*>(reinterpret_cast<u16*>(out) + (size_t)m * ldo + n) =
-              (u32)from_f<DT>(y0) | ((u32)from_f<DT>(y1) << 16);
-        }
+        if (m < M) store_pair<DT, MODE>(acc[mt][j][2 * h], acc[mt][j][2 * h + 1], res, out, m, n, ldr, ldo);
       }
     }
   }
@@ -287,7 +291,6 @@ __global__ void __launch_bounds__(WN * 32) qgemm_mma(const V4* __restrict__ xq, 
 template <int DT, int MODE, int PDL>
 __global__ void __launch_bounds__(256) split_sum(const float* __restrict__ ws, int KS, const u16* res, void* out,
     int M, int N, int ldr, int ldo) {
-  constexpr bool RES = MODE & 4, OUT_F32 = MODE & 16;
   if constexpr (PDL != 0) pdl_start();
   const int i = blockIdx.x * 256 + threadIdx.x, half = N / 2, m = i / half, n = 2 * (i % half);
   if (m >= M) return;
@@ -297,13 +300,7 @@ __global__ void __launch_bounds__(256) split_sum(const float* __restrict__ ws, i
     y0 += v.x;
     y1 += v.y;
   }
-  if (RES) {
-    const u32 r = *reinterpret_cast<const u32*>(res + (size_t)m * ldr + n);
-    y0 += to_f<DT>((u16)(r & 0xffffu));
-    y1 += to_f<DT>((u16)(r >> 16));
-  }
-  if (OUT_F32) *reinterpret_cast<float2*>(reinterpret_cast<float*>(out) + (size_t)m * ldo + n) = make_float2(y0, y1);
-  else *reinterpret_cast<u32*>(reinterpret_cast<u16*>(out) + (size_t)m * ldo + n) = (u32)from_f<DT>(y0) | ((u32)from_f<DT>(y1) << 16);
+  store_pair<DT, MODE>(y0, y1, res, out, m, n, ldr, ldo);
 }
 """
 
@@ -334,6 +331,17 @@ def tiles(rows: int, tiles_a_block: int = 4) -> tuple[int, int]:
     return mtt, mt
 
 
+def plan(rows: int, k: int, config: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    """(WN, NT, 16-row tiles of x, tiles a block, KS) that :func:`gemm` launches for ``rows`` rows
+    of x, K = k and ``config`` (KS lowered until each split takes a multiple of 16 groups)."""
+    wn, nt, *rest = config
+    mtt, mt = tiles(rows, rest[0] if rest else 4)
+    ksplit = rest[1] if len(rest) > 1 else 1
+    while (k // 32) % (16 * ksplit):  # k // 32 is one: K % 512 == 0
+        ksplit -= 1
+    return wn, nt, mtt, mt, ksplit
+
+
 def kernel_names(fmt: int, dt: int, rows: int, mode: int, wn: int, nt: int, pdl: bool,
                  tiles_a_block: int = 4, ksplit: int = 1) -> tuple[str, ...]:
     """(the quantizer, the product[, the split sum]) for ``rows`` rows of x (``mode``: NORM / GLU
@@ -359,12 +367,7 @@ def gemm(x: torch.Tensor, fmt: int, codes: torch.Tensor, scales: torch.Tensor, *
     M, N = x.shape[0], codes.shape[0]
     K = codes.shape[1] * WORDS[fmt]
     G = K // 32
-    wn, nt, *rest = config
-    tiles_a_block = rest[0] if rest else 4
-    ksplit = rest[1] if len(rest) > 1 else 1
-    mtt, mt = tiles(M, tiles_a_block)
-    while G % (16 * ksplit):  # each split takes a multiple of 16 groups (G is one: K % 512 == 0)
-        ksplit -= 1
+    wn, nt, mtt, mt, ksplit = plan(M, K, config)
     dev = x.device.index or 0
     pdl = pdl and nvrtc.pdl_supported(dev)
     assert scales.dtype == torch.float16 and scales.shape == (N, G) and scales.is_contiguous()

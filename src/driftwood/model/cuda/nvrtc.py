@@ -253,7 +253,7 @@ __device__ __forceinline__ void load_rows(V4 (&b)[RPW][NG][U], u16 (&sc)[RPW][NG
       const bool ok = row0 + j < N && (GS % 32 == 0 || gi < GS);
       const size_t at = (size_t)(ok ? row0 + j : 0) * G + (ok ? g : 0);
 #pragma unroll
-      for (int u = 0; u < U; ++u) b[j][n][u] = ok ? ldw(reinterpret_cast<const V4*>(wv) + at * U + u) : V4{0, 0, 0, 0};
+      for (int u = 0; u < U; ++u) b[j][n][u] = ok ? ldw(wv + at * U + u) : V4{0, 0, 0, 0};
       sc[j][n] = ok ? scales[at] : (u16)0;
     }
   }
@@ -372,6 +372,7 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) qgemv_row(GEMV
   }
 }
 
+// Rows tokens[b] of a GGUF token-embedding table (raw bytes, row_bytes a row) in the compute dtype DT, one
 // block a row: FMT 2 Q4_0 (18-byte blocks: fp16 d, then 16 bytes holding column j in the low nibble of
 // byte j and j + 16 in the high one; d * (q - 8)), 1 Q8_0 (34-byte blocks: fp16 d, 32 int8; d * q), 3 F32,
 // 4 F16, 5 BF16; the value computed in float32 as gguf.dequantize_bytes does, then rounded once. The next
